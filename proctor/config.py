@@ -44,6 +44,9 @@ class Config:
     tls_cert: str | None = None
     tls_key: str | None = None
     metrics_token: str | None = None
+    # Signs session cookies; every node behind one proxy needs the same value. When unset, a random
+    # key is created once under data_dir/secret_key.
+    secret_key: str | None = None
     # Extra origins allowed to open WebSockets, besides the server's own (comma-separated on the command line).
     allowed_origins: tuple[str, ...] = ()
     log_level: str = "INFO"

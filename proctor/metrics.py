@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 DROP_REASONS = ("oversize", "bad_jpeg", "rate_limited", "overloaded", "replaced")
 ALERT_KINDS = ("unrecognised", "forbidden_program")
@@ -21,6 +21,8 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        # process_cpu_seconds_total and process_resident_memory_bytes: the load generator reads them.
+        ProcessCollector(registry=r)
         self.frames_received = Counter("proctor_frames_received", "Frames received from students.",
                                        registry=r)
         self.frames_dropped = Counter("proctor_frames_dropped", "Frames not classified, by reason.",
