@@ -660,6 +660,7 @@ class Student:
         self.password = password
         self.api = ApiClient(base_url)
         self.logged_in = False
+        self.server_config: dict[str, Any] = {}
 
     async def login(self) -> None:
         if not self.logged_in:
@@ -681,14 +682,12 @@ class Student:
         await ws.send_json({"type": "hello", "screen": {"width": 1280, "height": 720}, "displays": 1,
                             "surface": "monitor", "client": "proctor-loadgen"})
         msg = await ws.receive(timeout=30)
-        if msg.type != aiohttp.WSMsgType.TEXT:
-            await ws.close()
-            raise LoadgenError(f"{self.username}: expected the config message, got {msg.type.name} "
-                               f"{msg.data!r} (close code {ws.close_code})")
-        data = json.loads(msg.data)
+        data = json.loads(msg.data) if msg.type == aiohttp.WSMsgType.TEXT else {}
         if data.get("type") != "config":
             await ws.close()
-            raise LoadgenError(f"{self.username}: expected the config message, got {str(data)[:200]}")
+            got = str(data)[:200] if data else f"{msg.type.name} {msg.data!r} (close code {ws.close_code})"
+            raise LoadgenError(f"{self.username}: expected the config message, got {got}")
+        self.server_config = data
         return ws
 
     async def stream(self, ws: Any, pool: Sequence[bytes], plan: FramePlan, first_at: float, period: float,
@@ -818,6 +817,12 @@ async def run_once(opts: Options, students: Sequence[Student], exam_id: int, poo
     except asyncio.TimeoutError:
         raise LoadgenError(f"{len(students)} students did not all connect within --connect-timeout "
                            f"{opts.connect_timeout_s:.0f} s") from None
+    server_fps = students[0].server_config.get("fps")
+    if isinstance(server_fps, (int, float)) and opts.fps > 2 * server_fps:
+        # The server's token bucket allows twice the rate it asks for; beyond that frames are refused.
+        logger.warning("--fps %s is over twice the %s frames/s the server asks for: expect rate_limited "
+                       "drops (start the server with a higher --client-fps for this benchmark)", opts.fps,
+                       server_fps)
     before = await probe.scrape() if probe else None
     stop_sampling = asyncio.Event()
     sampler = asyncio.ensure_future(probe.sample_until(stop_sampling)) if probe else None
