@@ -7,7 +7,7 @@ import json
 import random
 import secrets
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pytest
@@ -167,8 +167,11 @@ def test_bad_options_are_refused_by_name(args: list[str], message: str) -> None:
 
 
 def test_admin_credentials_or_a_credentials_file_are_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PROCTOR_LOADGEN_ADMIN_PASSWORD", raising=False)
     with pytest.raises(loadgen.LoadgenError, match="--admin-user and --admin-password"):
         loadgen.parse_options(["--admin-user", "admin"])
+    monkeypatch.setenv("PROCTOR_LOADGEN_ADMIN_PASSWORD", "from-the-environment")
+    assert loadgen.parse_options(["--admin-user", "admin"]).admin_password == "from-the-environment"
 
 
 def test_main_prints_the_error_without_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
