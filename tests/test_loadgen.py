@@ -521,7 +521,11 @@ class CookieLogin:
         return request.headers.get("Origin") == f"{request.scheme}://{request.host}"
 
 
-@pytest.mark.skipif(create_app is None, reason="proctor.server.create_app is not on this branch yet")
+# Once proctor.web is merged its middlewares own /api/ and /ws/ logins, and the test through the API below
+# covers everything this one does; delete this test and CookieLogin then.
+@pytest.mark.skipif(create_app is None or _WEB_API is not None,
+                    reason="stub-login variant: only while proctor.web (the JSON API) is absent; "
+                           "test_loadgen_end_to_end_through_the_api replaces it")
 async def test_loadgen_streams_to_the_real_server(tmp_path: Path) -> None:
     """Real sessions, batcher and metrics; students and exam made in the store, login stubbed (see CookieLogin)."""
     from fakes import FakeClassifier
