@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import hmac
 import importlib
 import logging
@@ -146,7 +147,8 @@ async def reload_heads(app: web.Application) -> None:
         return
     records = await app[STORE_KEY].list_heads(active_only=True)
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, set_heads, records)
+    # strict=False: a head made for another backbone is left out (and logged), the others still load.
+    await loop.run_in_executor(None, functools.partial(set_heads, records, strict=False))
     app[METRICS_KEY].heads_loaded.set(len(classifier.heads))
     logger.info("heads loaded: %s", ", ".join(h.name for h in classifier.heads) or "none")
 

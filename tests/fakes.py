@@ -36,7 +36,7 @@ class FakeClassifier:
     def heads(self):
         return self._heads
 
-    def set_heads(self, records) -> None:
+    def set_heads(self, records, strict: bool = True) -> None:
         """Records from the store are ignored: the fake keeps its colour heads."""
 
     def classify(self, frames):
