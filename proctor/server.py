@@ -189,7 +189,7 @@ async def _pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     app[BATCHER_KEY] = batcher
     app[HUB_KEY] = hub
     app[STREAM_CTX_KEY] = StreamContext(config=config, metrics=metrics, batcher=batcher,
-                                        decode_executor=decode_pool, hub=hub,
+                                        decode_executor=decode_pool, hub=hub, classifier=classifier,
                                         write=write, store=store)
     stale_task = asyncio.create_task(_watch_stale(hub), name="stale-watch")
     try:
