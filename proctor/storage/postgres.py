@@ -137,6 +137,12 @@ class PostgresStore(SqlStore):
                         applied_now.append(m.version)
         return applied_now
 
+    async def _applied_versions(self) -> set[int]:
+        async with self._connection() as c:
+            if (await c.fetchrow("SELECT to_regclass('schema_migrations') AS t"))["t"] is None:
+                return set()
+            return {r["version"] for r in await c.fetch("SELECT version FROM schema_migrations")}
+
     async def _reclaim(self) -> None:
         # DELETE only marks rows dead; VACUUM FULL rewrites the tables so purged evidence leaves the disk.
         # It locks each table briefly: the write-behind queue holds alerts and events meanwhile.

@@ -95,6 +95,15 @@ class SqlStore:
     async def _notify(self, channel: str, text: str) -> None:
         raise NotImplementedError
 
+    async def _applied_versions(self) -> set[int]:
+        """Migration versions recorded in the database (empty when it was never initialised)."""
+        raise NotImplementedError
+
+    async def pending_migrations(self) -> list[int]:
+        """Versions migrate() would apply now; commands other than init refuse to run while any remain."""
+        done = await self._applied_versions()
+        return [m.version for m in load_migrations(self.dialect) if m.version not in done]
+
     # rows to records -----------------------------------------------------------------------------
 
     def _user(self, r: Row) -> User:

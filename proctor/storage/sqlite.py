@@ -131,6 +131,13 @@ class SqliteStore(SqlStore):
                     applied_now.append(m.version)
         return applied_now
 
+    async def _applied_versions(self) -> set[int]:
+        async with self._connection() as c:
+            if await c.fetchrow("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                "AND name = 'schema_migrations'") is None:
+                return set()
+            return {r["version"] for r in await c.fetch("SELECT version FROM schema_migrations")}
+
     async def _notify(self, channel: str, text: str) -> None:
         # A single node: notifications stay in this process.
         self._dispatch(channel, text)

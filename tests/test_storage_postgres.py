@@ -1,0 +1,83 @@
+"""PostgreSQL only: notifications between nodes (two stores on one database) and outages."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from proctor.storage import open_store
+from proctor.storage.base import StoreUnavailable
+from test_storage import alert, head, setup_exam
+
+pytestmark = pytest.mark.postgres
+
+
+async def received(queue: asyncio.Queue, channel: str, timeout: float = 10.0) -> dict:
+    """The next notification on `channel` (others are skipped)."""
+    async def wait() -> dict:
+        while True:
+            got_channel, payload = await queue.get()
+            if got_channel == channel:
+                return payload
+    return await asyncio.wait_for(wait(), timeout)
+
+
+async def listening_store(url: str) -> tuple[object, asyncio.Queue]:
+    store = await open_store(url)
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def listener(channel: str, payload: dict) -> None:
+        await queue.put((channel, payload))
+    await store.subscribe(listener)
+    return store, queue
+
+
+async def test_two_nodes_hear_each_other(postgres_server):
+    url = await postgres_server.new_database()
+    node_a = await open_store(url)
+    await node_a.migrate()
+    node_b, heard_by_b = await listening_store(url)
+    try:
+        _, student, exam = await setup_exam(node_a)  # adds head "word" on node A
+        assert (await received(heard_by_b, "heads"))["name"] == "word"
+        a = alert(exam.id, student.id)
+        await node_a.add_alert(a)
+        payload = await received(heard_by_b, "alert")
+        assert payload == {"id": a.id, "exam_id": exam.id, "student_id": student.id, "event": "opened",
+                           "node": node_a.node_id}
+        assert (await node_b.get_alert(payload["id"])).evidence == a.evidence  # B reads it by id
+        await node_a.publish("presence", {"exam_id": exam.id, "student_id": student.id, "online": False})
+        assert (await received(heard_by_b, "presence"))["online"] is False
+        await node_a.set_head_active("word", False)
+        assert (await received(heard_by_b, "heads")) == {"name": "word", "active": False,
+                                                         "node": node_a.node_id}
+    finally:
+        await node_a.close()
+        await node_b.close()
+
+
+async def test_listener_reconnects_after_restart_and_asks_for_a_reload(postgres_server):
+    url = await postgres_server.new_database()
+    node_a = await open_store(url)
+    await node_a.migrate()
+    node_b, heard_by_b = await listening_store(url)
+    try:
+        await asyncio.to_thread(postgres_server.stop)
+        with pytest.raises(StoreUnavailable, match="PostgreSQL unavailable"):
+            await node_a.ping()
+        await asyncio.to_thread(postgres_server.start)
+        # Notifications sent while B was cut off are lost, so B is told to reload its heads.
+        assert (await received(heard_by_b, "heads", timeout=30)) == {"reload": True, "node": None}
+        await node_a.add_head(head("after-restart"))
+        assert (await received(heard_by_b, "heads"))["name"] == "after-restart"
+    finally:
+        if not (postgres_server.data / "postmaster.pid").exists():
+            await asyncio.to_thread(postgres_server.start)
+        await node_a.close()
+        await node_b.close()
+
+
+async def test_unreachable_or_refusing_server(postgres_server):
+    with pytest.raises(StoreUnavailable, match="refused the connection"):
+        await open_store(postgres_server.dsn("no_such_database"))
