@@ -14,7 +14,7 @@ from safetensors.numpy import save as save_safetensors
 from proctor.passwords import hash_password
 from proctor.storage import open_store, sqlite_path
 from proctor.storage.base import (
-    Alert, Conflict, HeadRecord, InvalidData, NotFound, SessionEvent, StoreUnavailable, utcnow,
+    Alert, Conflict, HeadRecord, InvalidData, NotFound, SessionEvent, StoreError, StoreUnavailable, utcnow,
 )
 
 HASH = hash_password("correct horse battery")
@@ -407,3 +407,11 @@ async def test_open_store_urls(tmp_path):
         await open_store(f"sqlite:///{tmp_path}/junk.db")
     with pytest.raises(StoreUnavailable, match="cannot connect to PostgreSQL"):
         await open_store("postgresql://nobody@127.0.0.1:1/none")
+
+
+async def test_database_from_a_newer_version_is_refused(store):
+    async with store._connection() as c:  # as a newer proctor would have left it
+        await c.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                        9999, "future", store._ts(utcnow()))
+    with pytest.raises(StoreError, match=r"schema version\(s\) \[9999\].*newer version"):
+        await store.migrate()

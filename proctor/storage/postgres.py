@@ -149,7 +149,8 @@ class PostgresStore(SqlStore):
         with _mapped_errors():
             async with self._pool.acquire() as conn:
                 for table in ("alerts", "session_events"):
-                    await conn.execute(f"VACUUM FULL {table}")
+                    # Far longer than command_timeout: a big table takes a while to rewrite.
+                    await conn.execute(f"VACUUM FULL {table}", timeout=3600)
 
     # notifications -------------------------------------------------------------------------------
 
@@ -207,6 +208,9 @@ class PostgresStore(SqlStore):
             except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
                 if self._listening.is_set() or first:
                     logger.error("LISTEN connection to PostgreSQL lost: %s; reconnecting", exc)
+            except Exception:
+                # Whatever happened, cross-node events must keep flowing: log it and reconnect.
+                logger.exception("LISTEN connection to PostgreSQL failed; reconnecting")
             finally:
                 self._listening.clear()
                 if conn is not None and not conn.is_closed():
