@@ -161,8 +161,12 @@ async def test_exam_errors(store):
         await store.get_exam(77)
     with pytest.raises(NotFound, match="no exam with join code"):
         await store.get_exam_by_code("NOPE")
-    with pytest.raises(InvalidData, match="unknown head"):
-        await store.create_exam("E", teacher.id, ["not-a-head"], "C1")
+    with pytest.raises(InvalidData, match="invalid head name 'not a head'"):
+        await store.create_exam("E", teacher.id, ["not a head"], "C1")
+    with pytest.raises(InvalidData, match="list a head twice"):
+        await store.create_exam("E", teacher.id, ["word", "word"], "C1")
+    with pytest.raises(InvalidData, match="not the string"):
+        await store.create_exam("E", teacher.id, "word", "C1")
     with pytest.raises(InvalidData, match="only a teacher or admin"):
         await store.create_exam("E", student.id, [], "C1")
     with pytest.raises(NotFound, match="no user with id 999"):
@@ -416,3 +420,11 @@ async def test_database_from_a_newer_version_is_refused(store):
                         9999, "future", store._ts(utcnow()))
     with pytest.raises(StoreError, match=r"schema version\(s\) \[9999\].*newer version"):
         await store.migrate()
+
+
+async def test_closed_store_says_so(tmp_path):
+    store = await open_store(f"sqlite:///{tmp_path}/c.db")
+    await store.migrate()
+    await store.close()
+    with pytest.raises(StoreError, match="the store is closed"):
+        await store.list_users()

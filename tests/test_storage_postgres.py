@@ -42,11 +42,13 @@ async def test_two_nodes_hear_each_other(postgres_server):
         _, student, exam = await setup_exam(node_a)  # adds head "word" on node A
         assert (await received(heard_by_b, "heads"))["name"] == "word"
         a = alert(exam.id, student.id)
-        await node_a.add_alert(a)
+        await node_a.add_alert(a)  # as a session does: write, then tell the other nodes
+        await node_a.publish("alert", {"id": a.id, "exam_id": exam.id, "node": "hub-a"})
         payload = await received(heard_by_b, "alert")
-        assert payload == {"id": a.id, "exam_id": exam.id, "student_id": student.id, "event": "opened",
-                           "node": node_a.node_id}
+        assert payload == {"id": a.id, "exam_id": exam.id, "node": "hub-a"}  # the caller's node id is kept
         assert (await node_b.get_alert(payload["id"])).evidence == a.evidence  # B reads it by id
+        await node_a.publish("exam", {"id": exam.id, "state": "ended"})
+        assert (await received(heard_by_b, "exam")) == {"id": exam.id, "state": "ended", "node": node_a.node_id}
         await node_a.publish("presence", {"exam_id": exam.id, "student_id": student.id, "online": False})
         assert (await received(heard_by_b, "presence"))["online"] is False
         await node_a.set_head_active("word", False)

@@ -143,7 +143,7 @@ class PurgeReport:
 
 
 # Cross-node notifications: small payloads (ids), the data is read from the tables.
-# channel is one of "alert", "presence", "heads".
+# channel is one of "alert", "alert_closed", "presence", "heads", "exam" (validate.CHANNELS).
 Listener = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 

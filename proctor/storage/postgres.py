@@ -62,7 +62,6 @@ class PostgresStore(SqlStore):
         self._dsn = dsn
         self._listen_task: asyncio.Task | None = None
         self._listening = asyncio.Event()
-        self._closed = False
 
     @classmethod
     async def open(cls, dsn: str, min_size: int = 1, max_size: int = 10) -> "PostgresStore":
@@ -85,12 +84,14 @@ class PostgresStore(SqlStore):
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[Connection]:
+        self._check_open()
         with _mapped_errors():
             async with self._pool.acquire() as conn:
                 yield _Conn(conn)
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[Connection]:
+        self._check_open()
         with _mapped_errors():
             async with self._pool.acquire() as conn:
                 async with conn.transaction():

@@ -71,17 +71,21 @@ class SqliteStore(SqlStore):
         return cls(db, path)
 
     async def close(self) -> None:
+        self._closed = True
         await self._cancel_dispatch()
-        await self._db.close()
+        async with self._lock:
+            await self._db.close()
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[Connection]:
+        self._check_open()
         async with self._lock:
             with _mapped_errors():
                 yield _Conn(self._db)
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[Connection]:
+        self._check_open()
         async with self._lock:
             with _mapped_errors():
                 await self._db.execute("BEGIN IMMEDIATE")
