@@ -6,7 +6,8 @@ import pytest
 from argon2 import PasswordHasher
 
 from proctor.passwords import (
-    MIN_LENGTH, WeakPassword, check_strength, generate_password, hash_password, needs_rehash, verify_password,
+    MIN_LENGTH, WeakPassword, check_strength, generate_password, hash_password, hash_password_async, needs_rehash,
+    verify_password, verify_password_async,
 )
 
 
@@ -47,3 +48,22 @@ def test_generated_passwords_are_long_readable_and_different():
 def test_weak_passwords_refused(password, message):
     with pytest.raises(WeakPassword, match=message):
         check_strength(password)
+
+
+async def test_async_variants_run_off_the_loop():
+    import asyncio
+
+    stored = await hash_password_async("an exam-day password")
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.001)
+            ticks += 1
+    task = asyncio.create_task(ticker())
+    results = await asyncio.gather(*(verify_password_async(stored, p) for p in
+                                     ("an exam-day password", "wrong", "an exam-day password")))
+    task.cancel()
+    assert results == [True, False, True]
+    assert ticks >= 5  # the loop kept running while argon2 worked
