@@ -83,3 +83,38 @@ async def test_listener_reconnects_after_restart_and_asks_for_a_reload(postgres_
 async def test_unreachable_or_refusing_server(postgres_server):
     with pytest.raises(StoreUnavailable, match="refused the connection"):
         await open_store(postgres_server.dsn("no_such_database"))
+
+
+def files_containing(root, marker: bytes) -> list[str]:
+    return [str(p) for p in root.rglob("*") if p.is_file() and marker in p.read_bytes()]
+
+
+async def test_purged_evidence_leaves_the_table_files(postgres_server):
+    """VACUUM FULL after the purge: the JPEG bytes are gone from the table files (the WAL is not checked)."""
+    import datetime as dt
+    import uuid
+
+    from test_storage import jpeg
+
+    url = await postgres_server.new_database()
+    store = await open_store(url)
+    await store.migrate()
+    try:
+        _, student, exam = await setup_exam(store)
+        await store.set_exam_state(exam.id, "running")
+        marker = b"PROCTOR-EVIDENCE-MARKER-" + uuid.uuid4().hex.encode()
+        evidence = jpeg(3)
+        evidence = evidence[:2] + b"\xff\xfe" + len(marker + b"..").to_bytes(2, "big") + marker + evidence[2:]
+        await store.add_alert(alert(exam.id, student.id, evidence=evidence))
+        async with store._connection() as c:
+            await c.execute("CHECKPOINT")
+        tables = postgres_server.data / "base"
+        assert files_containing(tables, marker)  # the check below can see it when it is there
+        await store.set_exam_state(exam.id, "ended")
+        await asyncio.sleep(0.01)
+        assert (await store.purge(dt.timedelta(milliseconds=1))).alerts == 1
+        async with store._connection() as c:
+            await c.execute("CHECKPOINT")
+        assert files_containing(tables, marker) == []
+    finally:
+        await store.close()

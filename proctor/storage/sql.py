@@ -27,7 +27,6 @@ from proctor.storage.base import (
 logger = logging.getLogger(__name__)
 
 Row = Mapping[str, Any]
-_STATE_AFTER = {"draft": "running", "running": "ended"}
 _MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
