@@ -83,7 +83,9 @@ class PostgresServer:
         name = f"test_{os.getpid()}_{next(self._names)}"
         conn = await asyncpg.connect(self.dsn())
         try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
+            # PostgreSQL 15+ copies the template through the WAL by default: a file copy is ~3x faster here.
+            strategy = " STRATEGY = FILE_COPY" if conn.get_server_version().major >= 15 else ""
+            await conn.execute(f'CREATE DATABASE "{name}"{strategy}')
         finally:
             await conn.close()
         return self.dsn(name)

@@ -38,6 +38,12 @@ def jpeg(seed: int = 0, size: int = 16) -> bytes:
     return simplejpeg.encode_jpeg(pixels, quality=90)
 
 
+def jpeg_with_comment(text: bytes) -> bytes:
+    """A valid JPEG carrying `text` in a COM segment, to look for its bytes on disk."""
+    data = jpeg(3)
+    return data[:2] + b"\xff\xfe" + (len(text) + 2).to_bytes(2, "big") + text + data[2:]
+
+
 def head_file(out: int = 1, features: int = 1280, bias: int | None = None) -> bytes:
     return save_safetensors({"fc.weight": np.zeros((out, features), np.float32),
                              "fc.bias": np.zeros(out if bias is None else bias, np.float32)})
@@ -363,9 +369,7 @@ async def test_purged_evidence_leaves_the_sqlite_file(tmp_path):
         _, student, exam = await setup_exam(store)
         await store.set_exam_state(exam.id, "running")
         marker = b"PROCTOR-EVIDENCE-MARKER-" + uuid.uuid4().hex.encode()
-        evidence = jpeg(3)
-        evidence = evidence[:2] + b"\xff\xfe" + len(marker + b"..").to_bytes(2, "big") + marker + evidence[2:]
-        await store.add_alert(alert(exam.id, student.id, evidence=evidence))
+        await store.add_alert(alert(exam.id, student.id, evidence=jpeg_with_comment(marker)))
         await store.set_exam_state(exam.id, "ended")
         await asyncio.sleep(0.01)
         assert (await store.purge(dt.timedelta(milliseconds=1))).alerts == 1

@@ -94,7 +94,7 @@ async def test_purged_evidence_leaves_the_table_files(postgres_server):
     import datetime as dt
     import uuid
 
-    from test_storage import jpeg
+    from test_storage import jpeg_with_comment
 
     url = await postgres_server.new_database()
     store = await open_store(url)
@@ -103,9 +103,7 @@ async def test_purged_evidence_leaves_the_table_files(postgres_server):
         _, student, exam = await setup_exam(store)
         await store.set_exam_state(exam.id, "running")
         marker = b"PROCTOR-EVIDENCE-MARKER-" + uuid.uuid4().hex.encode()
-        evidence = jpeg(3)
-        evidence = evidence[:2] + b"\xff\xfe" + len(marker + b"..").to_bytes(2, "big") + marker + evidence[2:]
-        await store.add_alert(alert(exam.id, student.id, evidence=evidence))
+        await store.add_alert(alert(exam.id, student.id, evidence=jpeg_with_comment(marker)))
         async with store._connection() as c:
             await c.execute("CHECKPOINT")
         tables = postgres_server.data / "base"
