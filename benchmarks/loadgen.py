@@ -283,6 +283,7 @@ class Options:
     cooldown_s: float
     seed: int
     heads: tuple[str, ...]
+    backbone_fps: float | None = None
 
     @property
     def origin(self) -> str:
@@ -334,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds for all students to connect (default %(default)s)")
     p.add_argument("--cooldown", type=float, default=3.0, dest="cooldown_s",
                    help="--find-capacity: seconds of rest between steps (default %(default)s)")
+    p.add_argument("--backbone-json", default=None,
+                   help="JSON of benchmarks/pipeline.py on the same machine: report processed frames/s as a "
+                        "share of its backbone_fps (run with --changed 1 to compare)")
     p.add_argument("--seed", type=int, default=1, help="random seed of the frame plans (default %(default)s)")
     return p
 
@@ -392,6 +396,7 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         images = _REPO / DEFAULT_IMAGES
     need(a.images is None or images.is_dir(), f"--images {a.images}: folder not found")
     heads = tuple(h.strip() for h in a.heads.split(",") if h.strip())
+    backbone_fps = read_backbone_fps(Path(a.backbone_json)) if a.backbone_json else None
     json_path = Path(a.json_path) if a.json_path else None
     plot = Path(a.plot) if a.plot else None
     if a.find_capacity and plot is None:
@@ -404,7 +409,19 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         metrics_token=a.metrics_token or None, json_path=json_path, find_capacity=a.find_capacity,
         slo_p99_ms=a.slo_p99_ms, start_students=a.start_students, step_students=a.step_students,
         max_students=a.max_students, plot=plot, drain_s=a.drain_s, connect_timeout_s=a.connect_timeout_s,
-        cooldown_s=a.cooldown_s, seed=a.seed, heads=heads)
+        cooldown_s=a.cooldown_s, seed=a.seed, heads=heads, backbone_fps=backbone_fps)
+
+
+def read_backbone_fps(path: Path) -> float:
+    """backbone_fps from a benchmarks/pipeline.py JSON file."""
+    try:
+        value = json.loads(path.read_text())["backbone_fps"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LoadgenError(f"--backbone-json {path}: not a benchmarks/pipeline.py result "
+                           f"({type(exc).__name__}: {exc})") from None
+    if not isinstance(value, (int, float)) or not value > 0:
+        raise LoadgenError(f"--backbone-json {path}: backbone_fps {value!r} is not a positive number")
+    return float(value)
 
 
 # ------------------------------------------------------------------------------------------ HTTP client
@@ -868,6 +885,8 @@ async def run_once(opts: Options, students: Sequence[Student], exam_id: int, poo
         "cached_verdicts": tally.cached,
         "dropped": dict(sorted((k, v) for k, v in tally.dropped.items() if v)),
         "errors": dict(sorted(tally.errors.items())),
+        "processed_vs_backbone": (round(tally.verdicts / answered_window / opts.backbone_fps, 3)
+                                  if opts.backbone_fps else None),
         "server": server_figures(before, after, probe.peak_rss if probe else None),
         "server_metrics_problem": probe.problem if probe else None,
         # If the generator itself falls behind its schedule, the latencies above understate the server.
@@ -887,6 +906,9 @@ def print_result(r: dict[str, Any], out: Any = sys.stdout) -> None:
           file=out)
     print(f"  sent {r['frames_sent']}, verdicts {r['verdicts']} ({r['cached_verdicts']} cached), "
           f"dropped {r['dropped'] or 0}, errors {r['errors'] or 0}", file=out)
+    if r.get("processed_vs_backbone") is not None:
+        print(f"  processed = {r['processed_vs_backbone']:.2f} x the backbone-only rate of benchmarks/pipeline.py",
+              file=out)
     s = r["server"]
     if s:
         print(f"  server: {s['cpu_cores']} cores busy, RSS {s['rss_mb']} MB (peak {s['peak_rss_mb']}), "

@@ -187,6 +187,18 @@ def test_options_defaults_and_plot_path(tmp_path: Path) -> None:
     assert opts.url == "http://127.0.0.1:9000" and opts.changed == 0.2 and opts.plot is None
 
 
+def test_backbone_json_is_read_and_checked(tmp_path: Path) -> None:
+    good = tmp_path / "pipeline.json"
+    good.write_text(json.dumps({"backbone_fps": 80.5, "pipeline_fps": 70.0}))
+    assert loadgen.parse_options(_ADMIN + ["--backbone-json", str(good)]).backbone_fps == 80.5
+    bad = tmp_path / "bad.json"
+    for content, message in (("{}", "KeyError"), ("not json", "JSONDecodeError"),
+                             ('{"backbone_fps": 0}', "backbone_fps 0 is not a positive number")):
+        bad.write_text(content)
+        with pytest.raises(loadgen.LoadgenError, match=f"--backbone-json {bad}: .*{message}"):
+            loadgen.parse_options(_ADMIN + ["--backbone-json", str(bad)])
+
+
 def test_credentials_file_roundtrip_and_errors(tmp_path: Path) -> None:
     creds = loadgen.Credentials(exam_id=3, students=[("s1", "pw1"), ("s2", "pw2")], server="http://h:1")
     path = tmp_path / "creds.json"
@@ -387,6 +399,12 @@ async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{port}"
 
 
+def _pipeline_json(tmp_path: Path, backbone_fps: float) -> Path:
+    path = tmp_path / "pipeline.json"
+    path.write_text(json.dumps({"backbone_fps": backbone_fps}))
+    return path
+
+
 def _options(url: str, tmp_path: Path, *extra: str) -> loadgen.Options:
     images = tmp_path / "screens"
     _write_jpegs(images, 3)
@@ -401,7 +419,8 @@ async def test_run_against_fake_server_measures_every_frame(tmp_path: Path) -> N
     try:
         out = tmp_path / "result.json"
         opts = _options(url, tmp_path, "--students", "6", "--fps", "4", "--duration", "1.5", "--changed", "0.2",
-                        "--metrics-token", "tok", "--json", str(out), "--save-credentials", str(tmp_path / "c.json"))
+                        "--metrics-token", "tok", "--json", str(out), "--save-credentials", str(tmp_path / "c.json"),
+                        "--backbone-json", str(_pipeline_json(tmp_path, 48.0)))
         report = await loadgen.run(opts)
     finally:
         await runner.cleanup()
@@ -416,6 +435,7 @@ async def test_run_against_fake_server_measures_every_frame(tmp_path: Path) -> N
     assert report["frames_sent_changed"] < report["frames_sent"]
     assert 20 <= report["latency_ms"]["p50"] <= report["latency_ms"]["p99"] <= report["latency_ms"]["max"] < 1000
     assert report["offered_fps"] == pytest.approx(24, rel=0.01)
+    assert report["processed_vs_backbone"] == pytest.approx(report["processed_fps"] / 48.0, abs=0.001)
     assert report["server"]["frames_received"] == 36
     written = json.loads(out.read_text())
     for key in ("students", "fps_per_student", "offered_fps", "processed_fps", "latency_ms", "dropped", "errors"):
