@@ -228,3 +228,41 @@ def test_nginx_accepts_the_config(tmp_path: Path) -> None:
     done = subprocess.run([str(nginx), "-t", "-p", str(tmp_path), "-e", str(tmp_path / "error.log"),
                            "-c", str(tmp_path / "nginx.conf")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def _promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.skip("promtool not installed (apt-get install prometheus): PromQL and config not checked by Prometheus")
+    return path
+
+
+def test_promtool_accepts_the_scrape_config(tmp_path: Path) -> None:
+    promtool = _promtool()
+    token = tmp_path / "token"
+    token.write_text("secret\n")
+    config = (DEPLOY / "prometheus.yml").read_text().replace("/etc/prometheus/proctor_metrics_token", str(token))
+    (tmp_path / "prometheus.yml").write_text(config)
+    done = subprocess.run([promtool, "check", "config", str(tmp_path / "prometheus.yml")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _as_promql(expr: str) -> str:
+    """A dashboard expression as Prometheus itself would get it from Grafana."""
+    grafana = re.fullmatch(r"\s*label_values\((.*),\s*[A-Za-z_]\w*\s*\)\s*", expr, re.S)
+    if grafana:
+        expr = grafana.group(1)
+    return (expr.replace("$__rate_interval", "1m").replace("$job", "proctor").replace("$instance", ".*"))
+
+
+def test_promtool_parses_every_dashboard_query(tmp_path: Path, dashboard: dict) -> None:
+    promtool = _promtool()
+    queries = dashboard_queries(dashboard)
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:query{i}", "expr": _as_promql(expr)} for i, (_, expr) in enumerate(queries)]}]}
+    path = tmp_path / "rules.yml"
+    path.write_text(yaml.safe_dump(rules))
+    done = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{len(queries)} rules found" in done.stdout
