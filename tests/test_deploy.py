@@ -165,6 +165,10 @@ def test_dashboard_is_importable(dashboard: dict) -> None:
     for panel in dashboard["panels"]:
         pos = panel["gridPos"]
         assert 0 <= pos["x"] and pos["x"] + pos["w"] <= 24, panel["title"]
+        # Import asks for the data source once; every panel and query must point at that input.
+        for source in [panel.get("datasource")] + [t.get("datasource") for t in panel.get("targets", [])]:
+            if panel["type"] != "row":
+                assert source == {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}, panel["title"]
 
 
 def test_every_dashboard_query_names_only_exported_metrics(dashboard: dict, metrics: Metrics) -> None:
