@@ -668,6 +668,14 @@ class Tally:
         self.last_answer: float | None = None
 
 
+_HANDSHAKE_HINTS = {
+    401: "the session was not accepted: log in failed or expired",
+    403: "Origin refused, or the student is not on the exam's roster",
+    404: "no such exam",
+    409: "the exam is not running",
+}
+
+
 class Student:
     """One simulated student: its own HTTP session (cookie), its WebSocket, its outstanding frames."""
 
@@ -693,13 +701,20 @@ class Student:
             ws = await self.api.session.ws_connect(url, origin=self.api.base_url, autoping=True,
                                                    max_msg_size=1 << 20)
         except aiohttp.WSServerHandshakeError as exc:
-            raise LoadgenError(f"{self.username}: stream refused with HTTP {exc.status} ({exc.message})") from None
+            hint = _HANDSHAKE_HINTS.get(exc.status, exc.message)
+            raise LoadgenError(f"{self.username}: stream of exam {exam_id} refused with HTTP {exc.status} "
+                               f"({hint})") from None
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise LoadgenError(f"{self.username}: cannot open the stream ({exc or type(exc).__name__})") from None
         await ws.send_json({"type": "hello", "screen": {"width": 1280, "height": 720}, "displays": 1,
                             "surface": "monitor", "client": "proctor-loadgen"})
-        msg = await ws.receive(timeout=30)
-        data = json.loads(msg.data) if msg.type == aiohttp.WSMsgType.TEXT else {}
+        try:
+            msg = await ws.receive(timeout=30)
+            data = json.loads(msg.data) if msg.type == aiohttp.WSMsgType.TEXT else {}
+        except (asyncio.TimeoutError, ValueError) as exc:
+            await ws.close()
+            raise LoadgenError(f"{self.username}: no config message from the server "
+                               f"({type(exc).__name__})") from None
         if data.get("type") != "config":
             await ws.close()
             got = str(data)[:200] if data else f"{msg.type.name} {msg.data!r} (close code {ws.close_code})"

@@ -648,3 +648,29 @@ def _jpeg_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "screens"
     _write_jpegs(folder, 4)
     return folder
+
+
+async def test_refused_stream_is_a_clear_error(tmp_path: Path) -> None:
+    fake = FakeProctor()
+    runner, url = await _serve(fake.app())
+    fake.origin = url
+    creds = tmp_path / "creds.json"
+    loadgen.Credentials(exam_id=7, students=[("admin", "a-long-password")], server=url).dump(creds)
+    try:  # the admin account is no student: the fake refuses its stream like the server does
+        opts = _options(url, tmp_path, "--credentials", str(creds), "--students", "1")
+        with pytest.raises(loadgen.LoadgenError, match="admin: stream of exam 7 refused with HTTP 403 "
+                                                       r"\(Origin refused, or the student is not on"):
+            await loadgen.run(opts)
+    finally:
+        await runner.cleanup()
+
+
+async def test_credentials_for_another_server_or_too_few_students_are_refused(tmp_path: Path) -> None:
+    creds = tmp_path / "creds.json"
+    loadgen.Credentials(exam_id=7, students=[("s1", "pw")], server="http://10.0.0.9:8080").dump(creds)
+    opts = _options("http://127.0.0.1:9", tmp_path, "--credentials", str(creds))
+    with pytest.raises(loadgen.LoadgenError, match="was made for http://10.0.0.9:8080, not http://127.0.0.1:9"):
+        await loadgen.run(opts)
+    loadgen.Credentials(exam_id=7, students=[("s1", "pw")], server="http://127.0.0.1:9").dump(creds)
+    with pytest.raises(loadgen.LoadgenError, match="has 1 students, 20 are needed"):
+        await loadgen.run(opts)
