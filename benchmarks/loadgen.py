@@ -661,6 +661,7 @@ class Tally:
         self.send_lag_ms: list[float] = []
         self.sent = 0
         self.sent_changed = 0
+        self.heartbeats = 0
         self.verdicts = 0
         self.cached = 0
         self.dropped: collections.Counter[str] = collections.Counter()
@@ -729,6 +730,7 @@ class Student:
         pending: dict[int, tuple[float, bool]] = {}
         done_sending = asyncio.Event()
         reader = asyncio.ensure_future(self._read(ws, pending, done_sending, tally))
+        beat = asyncio.ensure_future(self._heartbeat(ws, first_at, stop_at, tally))
         seq = 0
         try:
             at = first_at
@@ -748,6 +750,9 @@ class Student:
             tally.errors["send_failed"] += 1
         finally:
             done_sending.set()
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionResetError):
+                await beat
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(reader), timeout=drain_s if pending else 0.01)
             reader.cancel()
@@ -756,6 +761,17 @@ class Student:
             tally.dropped[UNANSWERED] += len(pending)
             pending.clear()
             await ws.close()
+
+    async def _heartbeat(self, ws: Any, first_at: float, stop_at: float, tally: Tally) -> None:
+        """Heartbeats every heartbeat_s of the server's config, like the browser: part of the real load."""
+        period = max(1.0, float(self.server_config.get("heartbeat_s") or 5.0))
+        loop = asyncio.get_running_loop()
+        at = first_at + period / 2  # between frames, not on top of them
+        while at < stop_at:
+            await asyncio.sleep(max(0.0, at - loop.time()))
+            await ws.send_json({"type": "heartbeat", "t": time.time() * 1000.0})
+            tally.heartbeats += 1
+            at += period
 
     async def _read(self, ws: Any, pending: dict[int, tuple[float, bool]], done_sending: asyncio.Event,
                     tally: Tally) -> None:
@@ -898,6 +914,7 @@ async def run_once(opts: Options, students: Sequence[Student], exam_id: int, poo
         "frames_sent_changed": tally.sent_changed,
         "verdicts": tally.verdicts,
         "cached_verdicts": tally.cached,
+        "heartbeats_sent": tally.heartbeats,
         "dropped": dict(sorted((k, v) for k, v in tally.dropped.items() if v)),
         "errors": dict(sorted(tally.errors.items())),
         "processed_vs_backbone": (round(tally.verdicts / answered_window / opts.backbone_fps, 3)

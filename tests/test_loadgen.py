@@ -302,6 +302,7 @@ class FakeProctor:
         self.started = False
         self.origin = ""
         self.hellos = 0
+        self.heartbeats = 0
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -371,9 +372,15 @@ class FakeProctor:
         hello = await ws.receive_json()
         assert hello["type"] == "hello" and hello["surface"] == "monitor"
         self.hellos += 1
-        await ws.send_json({"type": "config", "fps": 0.5, "max_width": 1280, "jpeg_quality": 0.7})
+        await ws.send_json({"type": "config", "fps": 0.5, "max_width": 1280, "jpeg_quality": 0.7,
+                            "heartbeat_s": 1.0})
         last = b""
         async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                assert json.loads(msg.data)["type"] == "heartbeat"
+                self.heartbeats += 1
+                await ws.send_json({"type": "heartbeat", "t": json.loads(msg.data)["t"]})
+                continue
             assert msg.type == WSMsgType.BINARY
             header, jpeg = unpack_frame(msg.data)
             self.metrics.frames_received.inc()
@@ -425,6 +432,8 @@ async def test_run_against_fake_server_measures_every_frame(tmp_path: Path) -> N
     finally:
         await runner.cleanup()
     assert fake.hellos == 6 and len(fake.roster) == 6
+    # heartbeat_s 1: half a period after the first frame, then every second: one each in a 1.5 s run.
+    assert fake.heartbeats == report["heartbeats_sent"] == 6
     assert report["frames_sent"] == 6 * 6  # 4 frames/s for 1.5 s, each student
     drops = sum(1 for seq in range(1, 7) if seq % 5 == 0) * 6
     assert report["dropped"] == {E_OVERLOADED: drops}
