@@ -746,6 +746,8 @@ class Student:
                 tally.sent_changed += changed
                 await ws.send_bytes(pack_frame(seq, time.time() * 1000.0, pool[index]))
                 at += period
+            if not reader.done():
+                await beat  # heartbeats go on until the end of the run, after the last frame
         except ConnectionResetError:
             tally.errors["send_failed"] += 1
         finally:

@@ -283,6 +283,47 @@ def test_server_figures_from_two_scrapes() -> None:
     assert loadgen.server_figures(None, (2.0, after), None) == {}
 
 
+class _ScriptedSocket:
+    """A client WebSocket stand-in: answers every frame with a verdict, records what was sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[float, Any]] = []
+        self.answers: asyncio.Queue[Any] = asyncio.Queue()
+        self.close_code = None
+
+    async def send_bytes(self, data: bytes) -> None:
+        header, _ = unpack_frame(data)
+        self.sent.append((asyncio.get_running_loop().time(), "frame"))
+        self.answers.put_nowait(type("Msg", (), {"type": WSMsgType.TEXT, "data": json.dumps(
+            {"type": "verdict", "seq": header.seq, "cached": False})})())
+
+    async def send_json(self, data: dict) -> None:
+        self.sent.append((asyncio.get_running_loop().time(), data["type"]))
+
+    async def receive(self, timeout: float) -> Any:
+        return await asyncio.wait_for(self.answers.get(), timeout)
+
+    async def close(self) -> None:
+        self.close_code = 1000
+
+
+async def test_student_keeps_heartbeating_after_its_last_frame_until_the_end() -> None:
+    student = loadgen.Student(0, "s", "pw", "http://127.0.0.1:9")
+    student.server_config = {"type": "config", "heartbeat_s": 1.0}
+    ws, tally = _ScriptedSocket(), loadgen.Tally()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    pool = [b"\xff\xd8one", b"\xff\xd8two"]
+    try:  # one frame (period 10 s), run of 1.2 s: the heartbeat at 0.5 s comes after the last frame
+        await student.stream(ws, pool, loadgen.FramePlan(2, 0.2, random.Random(1)), start, 10.0, start + 1.2,
+                             1.0, tally)
+    finally:
+        await student.api.close()
+    assert [kind for _, kind in ws.sent] == ["frame", "heartbeat"]
+    assert 0.45 <= ws.sent[1][0] - start < 0.7
+    assert tally.verdicts == 1 and tally.heartbeats == 1 and ws.close_code == 1000
+
+
 # ------------------------------------------------------------------ a run against a protocol-exact fake
 
 
