@@ -9,19 +9,14 @@ import jinja2
 from aiohttp import web
 
 from proctor.web import api, pages
-from proctor.web.auth import csrf_token, current_user, setup_auth
+from proctor.web.auth import setup_auth
 
 STATIC_DIR = pathlib.Path(__file__).parent / "static"
 
 
-async def _template_context(request: web.Request) -> dict:
-    return {"user": await current_user(request), "csrf_token": csrf_token(request)}
-
-
 def setup(app: web.Application) -> None:
     """Install templates, /static/, the auth/CSRF/header middlewares and every page and /api/ route."""
-    aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("proctor.web", "templates"), autoescape=True,
-                         context_processors=[_template_context])
+    aiohttp_jinja2.setup(app, loader=jinja2.PackageLoader("proctor.web", "templates"), autoescape=True)
     setup_auth(app)
     app.middlewares.append(api.api_error_middleware)
     app.middlewares.append(pages.page_error_middleware)

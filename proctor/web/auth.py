@@ -198,9 +198,9 @@ class WebState:
 
 
 WEB_STATE_KEY = web.AppKey("web_state", WebState)
-_SESSION = "proctor.session"
-_USER = "proctor.user"
-_NEW_COOKIE = "proctor.new_cookie"
+_SESSION: "web.RequestKey[Session | None]" = web.RequestKey("proctor_session")
+_USER: "web.RequestKey[User | None]" = web.RequestKey("proctor_user")
+_NEW_COOKIE: "web.RequestKey[Session]" = web.RequestKey("proctor_new_cookie")
 
 
 def _state(request: web.Request) -> WebState:
@@ -366,8 +366,9 @@ async def _check_unsafe_request(request: web.Request) -> None:
         return
     session = session_of(request)
     if request.path.startswith("/api/"):
-        # Without the session cookie there is nothing a forged cross-site request could ride on.
-        if session is None or session.user_id is None:
+        # Without the session cookie there is nothing a forged cross-site request could ride on. Login
+        # takes only application/json, which no cross-site form can send without a CORS preflight.
+        if session is None or session.user_id is None or request.path == "/api/login":
             return
         token = request.headers.get(CSRF_HEADER, "")
         if not hmac.compare_digest(token.encode(), session.csrf.encode()):

@@ -12,7 +12,7 @@ from proctor.appkeys import CONFIG_KEY, STORE_KEY
 from proctor.storage.base import Store, User
 from proctor.web import services as sv
 from proctor.web.api import check_login, path_id, read_upload
-from proctor.web.auth import current_user, end_session, require_user, start_session
+from proctor.web.auth import csrf_token, current_user, end_session, require_user, start_session
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +24,9 @@ def _store(request: web.Request) -> Store:
     return request.app[STORE_KEY]
 
 
-def render(name: str, request: web.Request, context: dict[str, Any], status: int = 200) -> web.Response:
+async def render(name: str, request: web.Request, context: dict[str, Any], status: int = 200) -> web.Response:
+    """Render a template with the current user and the session's CSRF token (every form carries it)."""
+    context = {"user": await current_user(request), "csrf_token": csrf_token(request), **context}
     return aiohttp_jinja2.render_template(name, request, context, status=status)
 
 
@@ -48,11 +50,11 @@ async def page_error_middleware(request: web.Request, handler: Any) -> web.Strea
     try:
         return await handler(request)
     except sv.WebError as exc:
-        return render("error.html", request, {"status": exc.status, "message": exc.message}, status=exc.status)
+        return await render("error.html", request, {"status": exc.status, "message": exc.message}, status=exc.status)
     except web.HTTPForbidden as exc:
-        return render("error.html", request, {"status": 403, "message": exc.text or "forbidden"}, status=403)
+        return await render("error.html", request, {"status": 403, "message": exc.text or "forbidden"}, status=403)
     except web.HTTPNotFound:
-        return render("error.html", request, {"status": 404, "message": f"no page at {request.path}"},
+        return await render("error.html", request, {"status": 404, "message": f"no page at {request.path}"},
                       status=404)
 
 
@@ -70,7 +72,7 @@ async def login_page(request: web.Request) -> web.Response:
     user = await current_user(request)
     if user is not None:
         raise web.HTTPFound(_safe_next(request.query.get("next"), user))
-    return render("login.html", request, {"next": request.query.get("next", "")})
+    return await render("login.html", request, {"next": request.query.get("next", "")})
 
 
 @routes.post("/login")
@@ -82,7 +84,7 @@ async def login_submit(request: web.Request) -> web.Response:
             raise sv.bad("enter your username and password")
         user = await check_login(request, username, password)
     except sv.WebError as exc:
-        return render("login.html", request, {"error": exc.message, "username": username,
+        return await render("login.html", request, {"error": exc.message, "username": username,
                                               "next": form.get("next", "")}, status=exc.status)
     response = web.HTTPFound(_safe_next(form.get("next"), user))
     start_session(request, response, user)
@@ -106,7 +108,7 @@ async def logout(request: web.Request) -> web.Response:
 async def student_home(request: web.Request) -> web.Response:
     user = await require_user(request, "student")
     exams = await _store(request).list_exams_for_student(user.id)
-    return render("student_home.html", request, {"exams": [e for e in exams if e.state != "ended"]})
+    return await render("student_home.html", request, {"exams": [e for e in exams if e.state != "ended"]})
 
 
 @routes.post("/student/join")
@@ -117,7 +119,7 @@ async def student_join(request: web.Request) -> web.Response:
         exam = await sv.join_exam(_store(request), user, form.get("code", ""))
     except sv.WebError as exc:
         exams = await _store(request).list_exams_for_student(user.id)
-        return render("student_home.html", request, {"exams": [e for e in exams if e.state != "ended"],
+        return await render("student_home.html", request, {"exams": [e for e in exams if e.state != "ended"],
                                                      "error": exc.message, "code": form.get("code", "")},
                       status=exc.status)
     raise web.HTTPFound(f"/student/exams/{exam.id}")
@@ -128,7 +130,7 @@ async def student_exam(request: web.Request) -> web.Response:
     user = await require_user(request, "student")
     exam = await sv.exam_for_viewer(_store(request), user, path_id(request))
     config = request.app[CONFIG_KEY]
-    return render("student_exam.html", request, {"exam": exam, "fps": config.client_fps})
+    return await render("student_exam.html", request, {"exam": exam, "fps": config.client_fps})
 
 
 # ---------------------------------------------------------------------------------------------- teacher
@@ -138,7 +140,7 @@ async def student_exam(request: web.Request) -> web.Response:
 async def teacher_home(request: web.Request) -> web.Response:
     user = await require_user(request, "teacher", "admin")
     exams = await sv.list_exams(_store(request), user)
-    return render("teacher_home.html", request, {"exams": exams})
+    return await render("teacher_home.html", request, {"exams": exams})
 
 
 async def _new_exam_context(store: Store, **extra: Any) -> dict[str, Any]:
@@ -150,7 +152,7 @@ async def _new_exam_context(store: Store, **extra: Any) -> dict[str, Any]:
 @routes.get("/teacher/exams/new")
 async def new_exam_page(request: web.Request) -> web.Response:
     await require_user(request, "teacher", "admin")
-    return render("exam_new.html", request, await _new_exam_context(_store(request), form={}, picked=[]))
+    return await render("exam_new.html", request, await _new_exam_context(_store(request), form={}, picked=[]))
 
 
 @routes.post("/teacher/exams")
@@ -167,7 +169,7 @@ async def create_exam_submit(request: web.Request) -> web.Response:
     except sv.WebError as exc:
         context = await _new_exam_context(store, form={"name": name, "roster": roster_text}, picked=heads,
                                           error=exc.message)
-        return render("exam_new.html", request, context, status=exc.status)
+        return await render("exam_new.html", request, context, status=exc.status)
     raise web.HTTPFound(f"/teacher/exams/{exam.id}")
 
 
@@ -178,7 +180,7 @@ async def exam_dashboard(request: web.Request) -> web.Response:
     exam = await sv.exam_for_staff(store, user, path_id(request))
     heads = {h.name: h for h in await store.list_heads()}
     roster = await store.list_roster(exam.id)
-    return render("dashboard.html", request, {"exam": exam, "heads": heads, "roster": roster})
+    return await render("dashboard.html", request, {"exam": exam, "heads": heads, "roster": roster})
 
 
 async def _set_state(request: web.Request, state: str) -> web.Response:
@@ -218,7 +220,7 @@ async def review_page(request: web.Request) -> web.Response:
     for entry in students.values():
         entry["items"].sort(key=lambda item: item["at"] or "")
     ordered = sorted(students.values(), key=lambda s: (-s["alerts"], s["user"].username if s["user"] else ""))
-    return render("review.html", request, {"exam": exam, "students": ordered, "unreviewed": unreviewed,
+    return await render("review.html", request, {"exam": exam, "students": ordered, "unreviewed": unreviewed,
                                            "total": len(alerts)})
 
 
@@ -239,7 +241,7 @@ async def review_submit(request: web.Request) -> web.Response:
 
 async def _admin_users(request: web.Request, status: int = 200, **extra: Any) -> web.Response:
     users = await _store(request).list_users()
-    return render("admin_users.html", request, {"users": users, "roles": ("student", "teacher", "admin"),
+    return await render("admin_users.html", request, {"users": users, "roles": ("student", "teacher", "admin"),
                                                 **extra}, status=status)
 
 
@@ -299,7 +301,7 @@ async def admin_user_action(request: web.Request) -> web.Response:
 
 async def _admin_heads(request: web.Request, status: int = 200, **extra: Any) -> web.Response:
     heads = await _store(request).list_heads()
-    return render("admin_heads.html", request, {"heads": heads, **extra}, status=status)
+    return await render("admin_heads.html", request, {"heads": heads, **extra}, status=status)
 
 
 @routes.get("/admin/heads")
@@ -336,4 +338,4 @@ async def admin_audit(request: web.Request) -> web.Response:
     store = _store(request)
     entries = await store.list_audit(limit=500)
     users = {u.id: u.username for u in await store.list_users()}
-    return render("admin_audit.html", request, {"entries": entries, "users": users})
+    return await render("admin_audit.html", request, {"entries": entries, "users": users})

@@ -496,8 +496,8 @@ async def add_head(store: Store, actor: User, data: bytes, filename: str) -> Hea
                             "under a new name") from None
     except InvalidData as exc:
         raise bad(f"{filename}: {exc}") from None
+    # The store itself publishes on the "heads" channel, so every node reloads its heads.
     await store.audit(actor.id, "head.added", f"head:{head.name}", {"program": head.program})
-    await store.publish("heads", {"name": head.name})
     return head
 
 
@@ -508,5 +508,4 @@ async def set_head_active(store: Store, actor: User, name: str, active: bool) ->
         raise WebError(404, f"no head named {name!r}") from None
     await store.set_head_active(name, active)
     await store.audit(actor.id, "head.activated" if active else "head.deactivated", f"head:{name}", {})
-    await store.publish("heads", {"name": name})
     return await store.get_head(name)
