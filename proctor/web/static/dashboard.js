@@ -64,6 +64,7 @@ function updateCounts() {
 }
 
 function addAlert(alert, { live = false } = {}) {
+  const isNew = !alerts.has(alert.id);
   alerts.set(alert.id, { ...(alerts.get(alert.id) || {}), ...alert });
   let item = alertList.querySelector(`li[data-alert-id="${alert.id}"]`);
   const thumb = el("img", { alt: "" });
@@ -75,7 +76,7 @@ function addAlert(alert, { live = false } = {}) {
   node.addEventListener("click", () => openAlert(alert.id));
   node.addEventListener("keydown", (e) => { if (e.key === "Enter") openAlert(alert.id); });
   noAlerts.hidden = alerts.size > 0;
-  if (live) {
+  if (live && isNew) {
     const s = students.get(alert.student_id) || { student_id: alert.student_id, username: alert.username };
     upsertStudent({ ...s, alerts: (s.alerts || 0) + 1, last_alert: { id: alert.id, opened_at: alert.opened_at } });
   }
