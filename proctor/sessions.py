@@ -175,7 +175,7 @@ class Hub:
         if from_node is None and self._publish is not None:
             self._publish("presence", {"exam_id": exam_id, "student_id": user.id, "username": user.username,
                                        "full_name": user.full_name, "state": state,
-                                       "displays": presence.displays, "node": self.node_id})
+                                       "displays": presence.displays})
 
     def alert_opened(self, exam_id: int, user: User, alert_message: dict[str, Any]) -> None:
         """Fan a live alert out to this node's teachers (other nodes hear of it from the store)."""
@@ -233,7 +233,7 @@ class StreamContext:
     decode_executor: Executor
     hub: Hub
     # write(factory) queues a store write through the write-behind queue; never blocks.
-    write: Callable[[Callable[[], Any]], None]
+    write: Callable[..., None]
     store: Any
 
 
@@ -284,6 +284,10 @@ class StreamSession:
         self._last_thumb: np.ndarray | None = None
         self._last_verdict: FrameVerdict | None = None
         self._alert_id: str | None = None
+        # Frames are numbered on arrival; thumbnails finish out of order on the decode threads, and
+        # an older frame must never replace a newer one in the batcher.
+        self._arrivals = 0
+        self._newest_submitted = -1
 
     # lifecycle ---------------------------------------------------------------------------------
 
@@ -305,6 +309,12 @@ class StreamSession:
                 elif message.type == WSMsgType.TEXT:
                     self._on_text(message.data)
                 elif message.type == WSMsgType.ERROR:
+                    # aiohttp stopped reading a message over max_msg_size and closed with 1009.
+                    if getattr(message.data, "code", None) == protocol.CLOSE_TOO_BIG:
+                        logger.warning("closed the stream of %s: a message over twice the %d-byte frame limit",
+                                       self.user.username, self.ctx.config.max_frame_bytes)
+                        self.ctx.metrics.websocket_errors.labels("message_too_big").inc()
+                        self.ctx.metrics.frames_dropped.labels("oversize").inc()
                     break
                 if self._too_many_strikes():
                     await self.close(protocol.CLOSE_POLICY, "too many bad messages")
@@ -401,11 +411,13 @@ class StreamSession:
         except decode.DecodeError as exc:
             self._drop("bad_jpeg", protocol.E_BAD_JPEG, str(exc), seq, strike=True)
             return
-        task = asyncio.create_task(self._classify(seq, header.capture_ms, jpeg, received_at))
+        self._arrivals += 1
+        task = asyncio.create_task(self._classify(seq, header.capture_ms, jpeg, received_at, self._arrivals))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _classify(self, seq: int, capture_ms: float, jpeg: bytes, received_at: float) -> None:
+    async def _classify(self, seq: int, capture_ms: float, jpeg: bytes, received_at: float,
+                        arrival: int) -> None:
         ctx = self.ctx
         cached = False
         try:
@@ -414,6 +426,9 @@ class StreamSession:
                 cached = True
                 ctx.metrics.frames_unchanged.inc()
             else:
+                if arrival < self._newest_submitted:
+                    raise Replaced("a newer frame is already queued")
+                self._newest_submitted = arrival
                 future = ctx.batcher.submit(self.key, jpeg)
                 try:
                     heads, values = await future
@@ -467,14 +482,13 @@ class StreamSession:
                       verdict=kind, program=verdict.program, scores=dict(verdict.scores), evidence=jpeg)
         self._alert_id = alert.id
         store = ctx.store
-        node = ctx.hub.node_id
 
         async def write_alert() -> None:
             await store.add_alert(alert)
             # Other nodes' teachers learn of it once it is in the database they read from.
-            await store.publish("alert", {"id": alert.id, "exam_id": alert.exam_id, "node": node})
+            await store.publish("alert", {"id": alert.id, "exam_id": alert.exam_id})
 
-        ctx.write(write_alert)
+        ctx.write(write_alert, f"alert {alert.id}")
         try:
             thumb = await self._loop.run_in_executor(ctx.decode_executor, decode.evidence_thumbnail, jpeg)
         except decode.DecodeError:
@@ -487,8 +501,15 @@ class StreamSession:
             return
         closed_at = utcnow()
         store = self.ctx.store
-        self.ctx.write(lambda: store.close_alert(alert_id, closed_at))
-        self.ctx.hub.alert_closed(self.exam.id, self.user.id, alert_id, closed_at.isoformat())
+        exam_id, student_id = self.exam.id, self.user.id
+
+        async def write_close() -> None:
+            await store.close_alert(alert_id, closed_at)
+            await store.publish("alert_closed", {"alert_id": alert_id, "exam_id": exam_id,
+                                                 "student_id": student_id, "closed_at": closed_at.isoformat()})
+
+        self.ctx.write(write_close, f"close of alert {alert_id}")
+        self.ctx.hub.alert_closed(exam_id, student_id, alert_id, closed_at.isoformat())
 
     # errors ------------------------------------------------------------------------------------
 
@@ -516,7 +537,7 @@ class StreamSession:
         event = SessionEvent(exam_id=self.exam.id, student_id=self.user.id, kind=kind, at=utcnow(),
                              detail=detail or {})
         store = self.ctx.store
-        self.ctx.write(lambda: store.add_event(event))
+        self.ctx.write(lambda: store.add_event(event), f"{kind} event")
 
 
 def alert_message(alert: Alert, user: User, thumbnail: bytes) -> dict[str, Any]:
