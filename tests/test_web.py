@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import simplejpeg
 from aiohttp import web
-from safetensors.numpy import save as save_safetensors
 
 import proctor.web
 from proctor.appkeys import CONFIG_KEY, METRICS_KEY, STORE_KEY
@@ -29,10 +28,16 @@ PASSWORD = "correct-horse-battery"
 
 
 def head_file(name: str, program: str, description: str = "", threshold: float = 0.5) -> bytes:
+    """A real head file (proctor.models.heads format) with zero weights."""
+    from proctor.models.backbone import BackboneSpec
+    from proctor.models.heads import make_head
+    from proctor.models.interface import Preprocessing
+
+    spec = BackboneSpec(weights_hash="ab" * 32, preprocessing=Preprocessing())
     tensors = {"weight": np.zeros((1, 1280), dtype=np.float32), "bias": np.zeros((1,), dtype=np.float32)}
-    meta = {"name": name, "program": program, "description": description, "threshold": str(threshold),
-            "backbone_hash": "test", "metrics": json.dumps({"f1": 0.97, "precision": 0.98})}
-    return save_safetensors(tensors, metadata=meta)
+    head = make_head(name, program, "logistic", tensors, spec, threshold=threshold, description=description,
+                     metrics={"f1": 0.97, "precision": 0.98})
+    return head.to_bytes()
 
 
 def jpeg_bytes(color: int = 128) -> bytes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import json
 import os
 import shutil
 import socket
@@ -230,9 +231,8 @@ async def test_teacher_student_alert_review_export(display, server, tmp_path):
             await teacher.wait_for_url("**unreviewed=1")
             assert await teacher.query_selector(f"#alert-{alert_id}") is None
             assert page_errors == []
-            import json as _json
-            alert_ids = [m["alert"]["id"] for m in map(_json.loads, live_messages) if m.get("type") == "alert"]
-            print("live alert messages:", alert_ids)
+            alert_ids = [m["alert"]["id"] for m in map(json.loads, live_messages) if m.get("type") == "alert"]
+            assert alert_id in alert_ids and len(alert_ids) == len(set(alert_ids))  # each alert arrives once
         finally:
             await browser.close()
 

@@ -110,3 +110,20 @@ async def test_pages_and_api_are_served_by_the_real_app(client, hall):
     await login(client, "teach-a")
     exams = (await (await client.get("/api/exams")).json())["exams"]
     assert [e["id"] for e in exams] == [hall.id]
+
+
+async def test_ending_the_exam_closes_student_streams(client, hall):
+    await login(client, "stud-in")
+    ws = await client.ws_connect(f"/ws/exams/{hall.id}/stream", headers={"Origin": origin(client)})
+    assert (await ws.receive_json(timeout=5))["type"] == "config"
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as other:
+        base = f"http://{client.server.host}:{client.server.port}"
+        resp = await other.post(base + "/api/login", json={"username": "teach-a", "password": PASSWORD})
+        token = (await resp.json())["csrf_token"]
+        resp = await other.post(base + f"/api/exams/{hall.id}/end", headers={"X-CSRF-Token": token})
+        assert resp.status == 200, await resp.text()
+    msg = await ws.receive(timeout=5)
+    while msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):  # verdicts, heartbeats
+        msg = await ws.receive(timeout=5)
+    assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 4000, msg
+    await ws.close()

@@ -13,13 +13,12 @@ import json
 import logging
 import re
 import secrets
-import struct
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 from proctor.passwords import WeakPassword, check_strength, generate_password, hash_password
 from proctor.storage.base import (REVIEW_STATES, ROLES, Alert, Conflict, Exam, HeadRecord, InvalidData,
-                                  NotFound, SessionEvent, Store, User, utcnow)
+                                  NotFound, SessionEvent, Store, User)
 
 logger = logging.getLogger(__name__)
 
@@ -340,6 +339,8 @@ async def set_exam_state(store: Store, actor: User, exam_id: int, state: str) ->
         raise WebError(409, f"exam {exam_id} cannot go from {exam.state} to {state}: {exc}") from None
     await store.audit(actor.id, "exam.started" if state == "running" else "exam.ended", f"exam:{exam_id}",
                       {"name": exam.name})
+    # Every node closes the ended exam's student streams (close code 4000) when it hears this.
+    await store.publish("exam", {"id": exam_id, "state": state})
     return exam
 
 
@@ -447,44 +448,18 @@ async def review_alert(store: Store, actor: User, alert_id: str, state: str, not
 
 
 def parse_head_file(data: bytes, filename: str = "head file") -> HeadRecord:
-    """Read a head file (safetensors whose __metadata__ holds name, program, threshold, ...) into a record.
-
-    Only the header is checked here; the store refuses weights of the wrong shape.
-    """
+    """Check an uploaded head file with proctor.models.heads and turn it into a store record."""
     if len(data) > MAX_HEAD_BYTES:
         raise bad(f"{filename}: {len(data)} bytes is over the {MAX_HEAD_BYTES}-byte limit for a head file")
-    if len(data) < 8:
-        raise bad(f"{filename}: not a safetensors head file (too short)")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > len(data) - 8 or header_len > 16 * 1024 * 1024:
-        raise bad(f"{filename}: not a safetensors head file (bad header length)")
+    # Imported here: it brings torch, which only the admin's upload needs, not every page.
+    from proctor.models.heads import HeadError, head_to_record, read_head_file
+
     try:
-        header = json.loads(data[8:8 + header_len])
-        meta = header.get("__metadata__") or {}
-    except (ValueError, AttributeError):
-        raise bad(f"{filename}: not a safetensors head file (header is not JSON)") from None
-    if not isinstance(meta, dict):
-        raise bad(f"{filename}: __metadata__ must be an object")
-    name = str(meta.get("name", "")).strip()
-    program = str(meta.get("program", "")).strip()
-    if not name or not program:
-        raise bad(f"{filename}: the head's metadata needs 'name' and 'program'")
-    try:
-        threshold = float(meta.get("threshold", 0.5))
-    except ValueError:
-        raise bad(f"{filename}: threshold {meta.get('threshold')!r} is not a number") from None
-    if not 0.0 < threshold < 1.0:
-        raise bad(f"{filename}: threshold {threshold} must be between 0 and 1")
-    metrics = meta.get("metrics", {})
-    if isinstance(metrics, str):
-        try:
-            metrics = json.loads(metrics) if metrics else {}
-        except ValueError:
-            raise bad(f"{filename}: metrics is not valid JSON") from None
-    return HeadRecord(name=name, program=program, description=str(meta.get("description", "")),
-                      threshold=threshold, backbone_hash=str(meta.get("backbone_hash", "")),
-                      metrics=metrics if isinstance(metrics, dict) else {}, active=True, weights=data,
-                      created_at=utcnow())
+        return head_to_record(read_head_file(data))
+    except HeadError as exc:
+        raise bad(f"{filename}: {str(exc).removeprefix('head file: ')}") from None
+    except ValueError as exc:  # a malformed 'created' date in otherwise valid metadata
+        raise bad(f"{filename}: {exc}") from None
 
 
 async def add_head(store: Store, actor: User, data: bytes, filename: str) -> HeadRecord:
