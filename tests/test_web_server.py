@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+import ssl
+import subprocess
+from pathlib import Path
+
 import aiohttp
 import pytest
+from aiohttp import web
 
 from fakes import FakeClassifier
 from proctor.config import Config
@@ -14,6 +20,7 @@ from proctor.web.services import parse_head_file
 from test_web import head_file
 
 PASSWORD = "correct-horse-battery"
+MAKE_CERT = Path(__file__).resolve().parent.parent / "scripts" / "make-dev-cert"
 
 
 @pytest.fixture
@@ -127,3 +134,37 @@ async def test_ending_the_exam_closes_student_streams(client, hall):
         msg = await ws.receive(timeout=5)
     assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 4000, msg
     await ws.close()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+async def test_over_tls_the_cookie_is_secure_and_wss_origin_is_checked(tmp_path, store, hall):
+    out = tmp_path / "tls"
+    subprocess.run([str(MAKE_CERT), str(out)], check=True, capture_output=True, timeout=60)
+    config = Config(database_url=f"sqlite:///{tmp_path}/test.db", data_dir=str(tmp_path),
+                    tls_cert=str(out / "cert.pem"), tls_key=str(out / "key.pem"))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    runner = web.AppRunner(create_app(config, store=store, classifier=FakeClassifier()))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    base = f"https://localhost:{port}"
+    client_ctx = ssl.create_default_context(cafile=str(out / "cert.pem"))
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_ctx)) as session:
+            resp = await session.post(base + "/api/login", json={"username": "stud-in", "password": PASSWORD})
+            assert resp.status == 200
+            cookie = resp.headers["Set-Cookie"]
+            assert "Secure" in cookie and "HttpOnly" in cookie
+            assert "Strict-Transport-Security" in resp.headers
+            ws = await session.ws_connect(f"wss://localhost:{port}/ws/exams/{hall.id}/stream",
+                                          headers={"Origin": base})
+            assert (await ws.receive_json(timeout=5))["type"] == "config"
+            await ws.close()
+            with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+                await session.ws_connect(f"wss://localhost:{port}/ws/exams/{hall.id}/stream",
+                                         headers={"Origin": f"http://localhost:{port}"})
+            assert info.value.status == 403  # http:// is another origin than https://
+    finally:
+        await runner.cleanup()

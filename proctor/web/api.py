@@ -328,17 +328,11 @@ async def api_exam(request: web.Request) -> web.Response:
     return json_response({"exam": sv.exam_json(exam, actor, roster)})
 
 
-@routes.post("/api/exams/{id}/start")
-async def api_start_exam(request: web.Request) -> web.Response:
+@routes.post("/api/exams/{id}/{action:start|end}")
+async def api_exam_state(request: web.Request) -> web.Response:
     actor = await require_user(request, "teacher", "admin")
-    exam = await sv.set_exam_state(_store(request), actor, path_id(request), "running")
-    return json_response({"exam": sv.exam_json(exam, actor)})
-
-
-@routes.post("/api/exams/{id}/end")
-async def api_end_exam(request: web.Request) -> web.Response:
-    actor = await require_user(request, "teacher", "admin")
-    exam = await sv.set_exam_state(_store(request), actor, path_id(request), "ended")
+    state = "running" if request.match_info["action"] == "start" else "ended"
+    exam = await sv.set_exam_state(_store(request), actor, path_id(request), state)
     return json_response({"exam": sv.exam_json(exam, actor)})
 
 
