@@ -1,0 +1,570 @@
+"""Web app: sessions, CSRF, Origin, rate limits, authorisation of every /api/ route, pages and CSV export."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import time
+import uuid
+
+import numpy as np
+import pytest
+import simplejpeg
+from aiohttp import web
+
+import proctor.web
+from proctor.appkeys import CONFIG_KEY, METRICS_KEY, STORE_KEY
+from proctor.config import Config
+from proctor.metrics import Metrics
+from proctor.passwords import hash_password
+from proctor.storage.base import Alert, SessionEvent
+from proctor.storage.sqlite import SqliteStore
+from proctor.web import auth
+from proctor.web.services import parse_head_file
+
+PASSWORD = "correct-horse-battery"
+
+
+def head_file(name: str, program: str, description: str = "", threshold: float = 0.5) -> bytes:
+    """A real head file (proctor.models.heads format) with zero weights."""
+    from proctor.models.backbone import BackboneSpec
+    from proctor.models.heads import make_head
+    from proctor.models.interface import Preprocessing
+
+    spec = BackboneSpec(weights_hash="ab" * 32, preprocessing=Preprocessing())
+    tensors = {"weight": np.zeros((1, 1280), dtype=np.float32), "bias": np.zeros((1,), dtype=np.float32)}
+    head = make_head(name, program, "logistic", tensors, spec, threshold=threshold, description=description,
+                     metrics={"f1": 0.97, "precision": 0.98})
+    return head.to_bytes()
+
+
+def jpeg_bytes(color: int = 128) -> bytes:
+    return simplejpeg.encode_jpeg(np.full((36, 64, 3), color, dtype=np.uint8), quality=80)
+
+
+class World:
+    """Users, heads and one exam per teacher in a real SqliteStore."""
+
+    async def build(self, store: SqliteStore) -> "World":
+        self.store = store
+        pw = hash_password(PASSWORD)
+        self.admin = await store.create_user("admin1", "Ada Admin", "admin", pw)
+        self.teacher_a = await store.create_user("teach-a", "Teacher A", "teacher", pw)
+        self.teacher_b = await store.create_user("teach-b", "Teacher B", "teacher", pw)
+        self.student_a = await store.create_user("stud-a", "Student A", "student", pw)
+        self.student_b = await store.create_user("stud-b", "Student B", "student", pw)
+        for name, program in (("vscode", "VS Code"), ("python_docs", "Python docs"), ("chat", "Chat")):
+            await store.add_head(parse_head_file(head_file(name, program, f"{program} window")))
+        self.exam_a = await store.create_exam("Algebra", self.teacher_a.id, ["vscode"], "AAAA2222")
+        self.exam_b = await store.create_exam("Biology", self.teacher_b.id, ["vscode"], "BBBB3333")
+        await store.add_to_roster(self.exam_a.id, self.student_a.id)
+        await store.add_to_roster(self.exam_b.id, self.student_b.id)
+        self.alert = Alert(id=uuid.uuid4().hex, exam_id=self.exam_a.id, student_id=self.student_a.id,
+                           opened_at=dt.datetime.now(dt.timezone.utc), verdict="unrecognised", program=None,
+                           scores={"vscode": 0.1, "chat": 0.05}, evidence=jpeg_bytes())
+        await store.add_alert(self.alert)
+        await store.add_event(SessionEvent(self.exam_a.id, self.student_a.id, "connect",
+                                           dt.datetime.now(dt.timezone.utc), {"displays": 1}))
+        return self
+
+
+async def ws_probe(request: web.Request) -> web.StreamResponse:
+    """Stands in for the lead's WebSocket handlers: the same two checks they make before upgrading."""
+    if not auth.origin_allowed(request):
+        raise auth.forbidden("WebSocket refused: Origin is not allowed")
+    await auth.require_user(request)
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    await ws.close()
+    return ws
+
+
+@pytest.fixture
+async def world(tmp_path):
+    store = await SqliteStore.open(tmp_path / "p.db")
+    await store.migrate()
+    w = await World().build(store)
+    yield w
+    await store.close()
+
+
+@pytest.fixture
+async def client(aiohttp_client, world, tmp_path):
+    config = Config(data_dir=str(tmp_path), database_url=f"sqlite:///{tmp_path}/p.db")
+    app = web.Application()
+    app[CONFIG_KEY] = config
+    app[METRICS_KEY] = Metrics()
+    app[STORE_KEY] = world.store
+    proctor.web.setup(app)
+    app.router.add_get("/ws/probe", ws_probe)
+    return await aiohttp_client(app)
+
+
+async def login(client, username: str, password: str = PASSWORD) -> str:
+    """Log in through the JSON API; returns the CSRF token (the cookie stays in the client's jar)."""
+    resp = await client.post("/api/login", json={"username": username, "password": password})
+    assert resp.status == 200, await resp.text()
+    data = await resp.json()
+    assert data["user"]["username"] == username
+    return data["csrf_token"]
+
+
+async def post(client, path: str, token: str, body=None, **kw):
+    return await client.post(path, json=body if body is not None else {}, headers={"X-CSRF-Token": token}, **kw)
+
+
+# ------------------------------------------------------------------------------------------ sessions
+
+
+async def test_login_sets_httponly_lax_cookie_and_me_works(client):
+    resp = await client.post("/api/login", json={"username": "teach-a", "password": PASSWORD})
+    assert resp.status == 200
+    cookie = resp.headers["Set-Cookie"]
+    assert auth.COOKIE_NAME in cookie and "HttpOnly" in cookie and "SameSite=Lax" in cookie
+    assert "Secure" not in cookie  # plain http here; Secure is set under TLS (next test)
+    me = await client.get("/api/me")
+    assert (await me.json())["user"]["role"] == "teacher"
+
+
+async def test_cookie_is_secure_under_tls(client):
+    resp = await client.post("/api/login", json={"username": "teach-a", "password": PASSWORD},
+                             headers={"X-Forwarded-Proto": "https"})
+    # Secure follows request.secure or config.tls; a proxy header alone must not be trusted.
+    assert "Secure" not in resp.headers["Set-Cookie"]
+    codec = client.app[auth.WEB_STATE_KEY].codec
+    assert codec.decode(resp.cookies[auth.COOKIE_NAME].value).user_id is not None
+
+
+async def test_wrong_password_and_unknown_user_get_the_same_401(client):
+    r1 = await client.post("/api/login", json={"username": "teach-a", "password": "nope-nope-nope"})
+    r2 = await client.post("/api/login", json={"username": "nobody", "password": "nope-nope-nope"})
+    assert r1.status == r2.status == 401
+    assert (await r1.json()) == (await r2.json()) == {"error": "wrong username or password"}
+
+
+async def test_login_body_errors_are_clear(client):
+    resp = await client.post("/api/login", data="username=x", headers={"Content-Type": "text/plain"})
+    assert resp.status == 400 and "application/json" in (await resp.json())["error"]
+    resp = await client.post("/api/login", json={"username": "teach-a"})
+    assert resp.status == 400 and "'password'" in (await resp.json())["error"]
+
+
+async def test_failed_logins_are_rate_limited_per_account(client):
+    for _ in range(5):
+        resp = await client.post("/api/login", json={"username": "stud-a", "password": "wrong-password!"})
+        assert resp.status == 401
+    resp = await client.post("/api/login", json={"username": "stud-a", "password": PASSWORD})
+    assert resp.status == 429
+    assert "too many failed logins" in (await resp.json())["error"]
+    # Other accounts from the same address are not locked out by one account's failures.
+    assert (await client.post("/api/login", json={"username": "stud-b", "password": PASSWORD})).status == 200
+
+
+def test_limiter_per_address_and_window():
+    now = [0.0]
+    limiter = auth.LoginLimiter(per_account=3, per_address=4, window_s=60, clock=lambda: now[0])
+    for i in range(4):
+        limiter.failed(f"user{i}", "10.0.0.1")
+    assert limiter.retry_after("someone-else", "10.0.0.1") == pytest.approx(60)
+    assert limiter.retry_after("someone-else", "10.0.0.2") == 0
+    now[0] = 61
+    assert limiter.retry_after("someone-else", "10.0.0.1") == 0
+
+
+async def test_deactivated_user_cannot_log_in(client, world):
+    token = await login(client, "admin1")
+    resp = await post(client, f"/api/users/{world.student_a.id}/deactivate", token)
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["user"]["active"] is False
+    resp = await client.post("/api/login", json={"username": "stud-a", "password": PASSWORD})
+    assert resp.status == 403 and "deactivated" in (await resp.json())["error"]
+
+
+async def test_session_cookie_of_deactivated_user_stops_working(client, world):
+    await login(client, "stud-a")
+    await world.store.set_user_active(world.student_a.id, False)
+    resp = await client.get("/api/me")
+    assert resp.status == 401
+
+
+async def test_password_reset_ends_old_sessions(client, world):
+    await login(client, "stud-a")
+    await world.store.set_password(world.student_a.id, hash_password("another-password-1"))
+    assert (await client.get("/api/me")).status == 401
+
+
+def test_forged_or_expired_cookie_is_refused():
+    codec = auth.SessionCodec(b"k" * 32)
+    good = codec.encode(auth.Session(user_id=1, csrf="t", expires=time.time() + 60))
+    assert codec.decode(good).user_id == 1
+    payload, mac = good.split(".")
+    forged = auth._b64(json.dumps({"u": 2, "c": "t", "e": int(time.time()) + 60, "p": ""}).encode())
+    assert codec.decode(forged + "." + mac) is None
+    assert auth.SessionCodec(b"x" * 32).decode(good) is None
+    assert codec.decode(codec.encode(auth.Session(user_id=1, csrf="t", expires=time.time() - 1))) is None
+    assert codec.decode("garbage") is None
+
+
+def test_secret_key_is_created_once_and_reused(tmp_path):
+    key = auth.load_secret_key(None, str(tmp_path))
+    assert len(key) >= 32
+    assert auth.load_secret_key(None, str(tmp_path)) == key
+    assert (tmp_path / "secret_key").stat().st_mode & 0o077 == 0
+    assert auth.load_secret_key("configured-key", str(tmp_path)) == b"configured-key"
+
+
+async def test_logout_clears_cookie(client):
+    token = await login(client, "teach-a")
+    resp = await post(client, "/api/logout", token)
+    assert resp.status == 200
+    assert (await client.get("/api/me")).status == 401
+
+
+# --------------------------------------------------------------------------------------------- CSRF
+
+
+async def test_api_post_without_csrf_header_is_refused(client):
+    await login(client, "teach-a")
+    resp = await client.post("/api/exams", json={"name": "X", "allowed_heads": [], "roster": []})
+    assert resp.status == 403
+    assert "CSRF" in (await resp.json())["error"]
+
+
+async def test_form_without_csrf_token_is_refused(client):
+    await login(client, "teach-a")
+    resp = await client.post("/teacher/exams", data={"name": "No token"}, allow_redirects=False)
+    assert resp.status == 403
+    assert "CSRF token" in await resp.text()
+    resp = await client.post("/teacher/exams", data={"name": "Bad token", "csrf_token": "forged"},
+                             allow_redirects=False)
+    assert resp.status == 403
+
+
+async def test_login_form_needs_the_token_from_the_login_page(client):
+    resp = await client.post("/login", data={"username": "teach-a", "password": PASSWORD}, allow_redirects=False)
+    assert resp.status == 403
+    page = await client.get("/login")
+    token = _csrf_from(await page.text())
+    resp = await client.post("/login", data={"username": "teach-a", "password": PASSWORD, "csrf_token": token},
+                             allow_redirects=False)
+    assert resp.status == 302 and resp.headers["Location"] == "/teacher"
+
+
+async def test_foreign_origin_on_unsafe_request_is_refused(client):
+    token = await login(client, "teach-a")
+    resp = await client.post("/api/exams", json={"name": "X"}, headers={"X-CSRF-Token": token,
+                                                                        "Origin": "https://evil.example"})
+    assert resp.status == 403 and "Origin" in (await resp.json())["error"]
+
+
+def _csrf_from(html: str) -> str:
+    marker = 'name="csrf_token" value="'
+    start = html.index(marker) + len(marker)
+    return html[start:html.index('"', start)]
+
+
+# -------------------------------------------------------------------------------------- WebSocket checks
+
+
+async def test_websocket_with_forged_origin_is_refused(client):
+    await login(client, "teach-a")
+    host = f"http://{client.server.host}:{client.server.port}"
+    with pytest.raises(Exception) as info:
+        await client.ws_connect("/ws/probe", headers={"Origin": "https://evil.example"})
+    assert "403" in str(info.value)
+    with pytest.raises(Exception):
+        await client.ws_connect("/ws/probe")  # no Origin at all
+    ws = await client.ws_connect("/ws/probe", headers={"Origin": host})
+    await ws.close()
+
+
+async def test_websocket_without_session_is_401(client):
+    host = f"http://{client.server.host}:{client.server.port}"
+    resp = await client.get("/ws/probe", headers={"Origin": host, "Connection": "Upgrade", "Upgrade": "websocket",
+                                                  "Sec-WebSocket-Version": "13",
+                                                  "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
+    assert resp.status == 401
+    assert "not logged in" in (await resp.json())["error"]
+
+
+async def test_allowed_origins_from_config(aiohttp_client, world, tmp_path):
+    app = web.Application()
+    app[CONFIG_KEY] = Config(data_dir=str(tmp_path), allowed_origins=("https://proctor.school.example",))
+    app[METRICS_KEY] = Metrics()
+    app[STORE_KEY] = world.store
+    proctor.web.setup(app)
+    app.router.add_get("/ws/probe", ws_probe)
+    c = await aiohttp_client(app)
+    await login(c, "teach-a")
+    ws = await c.ws_connect("/ws/probe", headers={"Origin": "https://proctor.school.example"})
+    await ws.close()
+
+
+# ------------------------------------------------------------------------------------------ authorisation
+
+
+async def test_unauthenticated_api_is_401_everywhere(client, world):
+    for path in ("/api/me", "/api/exams", "/api/heads", "/api/users", f"/api/exams/{world.exam_a.id}",
+                 f"/api/alerts/{world.alert.id}", f"/api/alerts/{world.alert.id}/evidence",
+                 f"/api/exams/{world.exam_a.id}/export.csv"):
+        resp = await client.get(path)
+        assert resp.status == 401, path
+        assert "not logged in" in (await resp.json())["error"]
+
+
+async def test_teacher_b_cannot_read_teacher_a_evidence_alerts_or_exam(client, world):
+    token = await login(client, "teach-b")
+    for path in (f"/api/alerts/{world.alert.id}/evidence", f"/api/alerts/{world.alert.id}",
+                 f"/api/exams/{world.exam_a.id}", f"/api/exams/{world.exam_a.id}/alerts",
+                 f"/api/exams/{world.exam_a.id}/events", f"/api/exams/{world.exam_a.id}/export.csv"):
+        resp = await client.get(path)
+        assert resp.status == 403, path
+        assert "another teacher" in (await resp.json())["error"]
+    resp = await post(client, f"/api/alerts/{world.alert.id}/review", token, {"state": "reviewed", "note": "x"})
+    assert resp.status == 403
+    resp = await post(client, f"/api/exams/{world.exam_a.id}/start", token)
+    assert resp.status == 403
+    exams = (await (await client.get("/api/exams")).json())["exams"]
+    assert [e["name"] for e in exams] == ["Biology"]
+    # Pages too.
+    resp = await client.get(f"/teacher/exams/{world.exam_a.id}")
+    assert resp.status == 403 and "another teacher" in await resp.text()
+
+
+async def test_teacher_a_reads_evidence_and_it_is_audited(client, world):
+    await login(client, "teach-a")
+    resp = await client.get(f"/api/alerts/{world.alert.id}/evidence")
+    assert resp.status == 200 and resp.content_type == "image/jpeg"
+    assert await resp.read() == world.alert.evidence
+    audit = await world.store.list_audit()
+    assert any(e.action == "evidence.viewed" and e.target == f"alert:{world.alert.id}" for e in audit)
+
+
+async def test_admin_sees_everything(client, world):
+    await login(client, "admin1")
+    exams = (await (await client.get("/api/exams")).json())["exams"]
+    assert {e["name"] for e in exams} == {"Algebra", "Biology"}
+    assert (await client.get(f"/api/alerts/{world.alert.id}/evidence")).status == 200
+
+
+async def test_student_sees_only_enrolled_exams_and_no_staff_views(client, world):
+    await login(client, "stud-b")
+    exams = (await (await client.get("/api/exams")).json())["exams"]
+    assert [e["name"] for e in exams] == ["Biology"] and "join_code" not in exams[0]
+    resp = await client.get(f"/api/exams/{world.exam_a.id}")
+    assert resp.status == 403 and "not on the roster" in (await resp.json())["error"]
+    for path in (f"/api/alerts/{world.alert.id}/evidence", f"/api/exams/{world.exam_b.id}/alerts",
+                 "/api/users", "/api/heads"):
+        resp = await client.get(path)
+        assert resp.status == 403, path
+        assert "role" in (await resp.json())["error"] or "students" in (await resp.json())["error"]
+    resp = await client.get(f"/student/exams/{world.exam_a.id}")
+    assert resp.status == 403
+
+
+async def test_teacher_cannot_use_admin_api(client):
+    token = await login(client, "teach-a")
+    resp = await post(client, "/api/users", token, {"username": "x", "role": "admin"})
+    assert resp.status == 403
+    assert (await resp.json())["error"] == "this needs the role admin; you are logged in as a teacher"
+
+
+async def test_unknown_ids_are_404_with_the_id_named(client):
+    await login(client, "admin1")
+    assert (await (await client.get("/api/exams/9999")).json())["error"] == "no exam with id 9999"
+    resp = await client.get("/api/alerts/deadbeef/evidence")
+    assert resp.status == 404 and "deadbeef" in (await resp.json())["error"]
+    assert (await client.get("/api/exams/abc")).status == 404
+
+
+# ---------------------------------------------------------------------------------------------- exams
+
+
+async def test_teacher_creates_starts_and_ends_an_exam(client, world):
+    token = await login(client, "teach-a")
+    resp = await post(client, "/api/exams", token, {"name": "Physics", "allowed_heads": ["vscode", "python_docs"],
+                                                    "roster": ["stud-a", "stud-b"]})
+    assert resp.status == 201, await resp.text()
+    exam = (await resp.json())["exam"]
+    assert exam["state"] == "draft" and len(exam["join_code"]) == 8
+    assert [u["username"] for u in exam["roster"]] == ["stud-a", "stud-b"]
+    resp = await post(client, f"/api/exams/{exam['id']}/start", token)
+    assert (await resp.json())["exam"]["state"] == "running"
+    resp = await post(client, f"/api/exams/{exam['id']}/start", token)
+    assert resp.status == 409 and "cannot go from running to running" in (await resp.json())["error"]
+    resp = await post(client, f"/api/exams/{exam['id']}/end", token)
+    assert (await resp.json())["exam"]["state"] == "ended"
+    actions = [e.action for e in await world.store.list_audit()]
+    assert "exam.started" in actions and "exam.ended" in actions
+
+
+async def test_create_exam_bad_input_names_the_value(client, world):
+    token = await login(client, "teach-a")
+    cases = [({"name": "", "allowed_heads": [], "roster": []}, "'name'"),
+             ({"name": "X", "allowed_heads": ["nope"], "roster": []}, "nope"),
+             ({"name": "X", "allowed_heads": [], "roster": ["ghost"]}, "ghost"),
+             ({"name": "X", "allowed_heads": [], "roster": ["teach-b"]}, "not student"),
+             ({"name": "X", "allowed_heads": "vscode", "roster": []}, "list of strings")]
+    for body, expected in cases:
+        resp = await post(client, "/api/exams", token, body)
+        assert resp.status == 400, body
+        assert expected in (await resp.json())["error"], body
+
+
+async def test_student_joins_with_code(client, world):
+    token = await login(client, "stud-b")
+    resp = await post(client, "/api/exams/join", token, {"code": "aaaa-2222"})
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["exam"]["id"] == world.exam_a.id
+    assert await world.store.is_on_roster(world.exam_a.id, world.student_b.id)
+    resp = await post(client, "/api/exams/join", token, {"code": "ZZZZ9999"})
+    assert resp.status == 404 and "ZZZZ9999" in (await resp.json())["error"]
+
+
+async def test_alert_list_review_and_csv_export(client, world):
+    token = await login(client, "teach-a")
+    alerts = (await (await client.get(f"/api/exams/{world.exam_a.id}/alerts?state=new")).json())["alerts"]
+    assert [a["id"] for a in alerts] == [world.alert.id]
+    assert alerts[0]["top_scores"][0] == ["vscode", 0.1] and alerts[0]["username"] == "stud-a"
+    resp = await client.get(f"/api/exams/{world.exam_a.id}/alerts?state=bogus")
+    assert resp.status == 400 and "bogus" in (await resp.json())["error"]
+    resp = await post(client, f"/api/alerts/{world.alert.id}/review", token, {"state": "maybe", "note": ""})
+    assert resp.status == 400 and "maybe" in (await resp.json())["error"]
+    resp = await post(client, f"/api/alerts/{world.alert.id}/review", token,
+                      {"state": "reviewed", "note": "=HYPERLINK(\"x\") talked to student"})
+    assert (await resp.json())["alert"]["review_state"] == "reviewed"
+    resp = await client.get(f"/api/exams/{world.exam_a.id}/export.csv")
+    assert resp.status == 200 and resp.content_type == "text/csv"
+    rows = list(csv.DictReader(io.StringIO(await resp.text())))
+    assert len(rows) == 1 and rows[0]["alert_id"] == world.alert.id and rows[0]["review_state"] == "reviewed"
+    assert rows[0]["review_note"].startswith("'=")  # no formula injection into spreadsheets
+    events = (await (await client.get(f"/api/exams/{world.exam_a.id}/events")).json())["events"]
+    assert events[0]["kind"] == "connect" and events[0]["username"] == "stud-a"
+
+
+# ---------------------------------------------------------------------------------------------- admin
+
+
+async def test_admin_user_management(client, world):
+    token = await login(client, "admin1")
+    resp = await post(client, "/api/users", token, {"username": "new.teacher", "full_name": "New", "role": "teacher"})
+    assert resp.status == 201
+    data = await resp.json()
+    assert data["user"]["role"] == "teacher" and len(data["password"]) >= 16
+    resp = await post(client, "/api/users", token, {"username": "new.teacher", "role": "teacher"})
+    assert resp.status == 409 and "new.teacher" in (await resp.json())["error"]
+    resp = await post(client, "/api/users", token, {"username": "x y", "role": "teacher"})
+    assert resp.status == 400 and "x y" in (await resp.json())["error"]
+    resp = await post(client, "/api/users", token, {"username": "weak", "role": "student", "password": "short"})
+    assert resp.status == 400 and "too short" in (await resp.json())["error"]
+    resp = await post(client, f"/api/users/{world.admin.id}/deactivate", token)
+    assert resp.status == 409
+    resp = await post(client, f"/api/users/{world.student_a.id}/password", token)
+    new_password = (await resp.json())["password"]
+    client.session.cookie_jar.clear()
+    await login(client, "stud-a", new_password)
+
+
+async def test_roster_import(client, world):
+    token = await login(client, "admin1")
+    body = "username,full_name\nnew1,First New\nnew2,Second New\nstud-a,Existing\n"
+    resp = await client.post("/api/users/import", data=body, headers={"X-CSRF-Token": token,
+                                                                      "Content-Type": "text/csv"})
+    assert resp.status == 201, await resp.text()
+    data = await resp.json()
+    assert [c["user"]["username"] for c in data["created"]] == ["new1", "new2"] and data["skipped"] == ["stud-a"]
+    bad = "username,role\nok1,student\nbad name,student\nok2,wizard\n"
+    resp = await client.post("/api/users/import", data=bad, headers={"X-CSRF-Token": token,
+                                                                     "Content-Type": "text/csv"})
+    err = (await resp.json())["error"]
+    assert resp.status == 400 and "line 3" in err and "line 4" in err and "wizard" in err
+    assert "ok1" not in {u.username for u in await world.store.list_users()}
+    resp = await client.post("/api/users/import", data="name\nx\n", headers={"X-CSRF-Token": token})
+    assert resp.status == 400 and "'username' column" in (await resp.json())["error"]
+
+
+async def test_heads_upload_activate_deactivate(client, world):
+    token = await login(client, "admin1")
+    received = []
+
+    async def listener(channel, payload):
+        received.append((channel, payload))
+
+    await world.store.subscribe(listener)
+    resp = await client.post("/api/heads?filename=word.safetensors", data=head_file("word", "Word", "MS Word"),
+                             headers={"X-CSRF-Token": token, "Content-Type": "application/octet-stream"})
+    assert resp.status == 201, await resp.text()
+    assert (await resp.json())["head"]["metrics"]["f1"] == 0.97
+    resp = await post(client, "/api/heads/word/deactivate", token)
+    assert (await resp.json())["head"]["active"] is False
+    heads = {h["name"]: h for h in (await (await client.get("/api/heads")).json())["heads"]}
+    assert heads["word"]["active"] is False
+    assert any(ch == "heads" and p.get("name") == "word" for ch, p in received)
+    resp = await client.post("/api/heads", data=b"not a head file at all",
+                             headers={"X-CSRF-Token": token, "Content-Type": "application/octet-stream"})
+    assert resp.status == 400 and "safetensors" in (await resp.json())["error"]
+    resp = await post(client, "/api/heads/nope/activate", token)
+    assert resp.status == 404 and "nope" in (await resp.json())["error"]
+    actions = [e.action for e in await world.store.list_audit()]
+    assert "head.added" in actions and "head.deactivated" in actions
+
+
+# ---------------------------------------------------------------------------------------------- pages
+
+
+async def test_pages_redirect_to_login_and_render_per_role(client, world):
+    resp = await client.get("/teacher", allow_redirects=False)
+    assert resp.status == 302 and resp.headers["Location"].startswith("/login?next=")
+    await login(client, "teach-a")
+    for path in ("/teacher", "/teacher/exams/new", f"/teacher/exams/{world.exam_a.id}",
+                 f"/teacher/exams/{world.exam_a.id}/review", f"/teacher/exams/{world.exam_a.id}/review?unreviewed=1"):
+        resp = await client.get(path)
+        assert resp.status == 200, path
+        html = await resp.text()
+        assert "https://" not in html.replace("https:", "") and "cdn" not in html.lower(), path
+    assert (await client.get("/admin")).status == 403
+    csp = resp.headers["Content-Security-Policy"]
+    assert "default-src 'self'" in csp and "script-src 'self'" in csp
+    assert resp.headers["X-Frame-Options"] == "DENY"
+
+
+async def test_admin_pages_render(client, world):
+    await login(client, "admin1")
+    for path in ("/admin", "/admin/heads", "/admin/audit"):
+        resp = await client.get(path)
+        assert resp.status == 200, path
+    html = await (await client.get("/admin/heads")).text()
+    assert "VS Code window" in html and "f1" in html
+
+
+async def test_student_page_has_consent_and_stream_module(client, world):
+    await login(client, "stud-a")
+    html = await (await client.get(f"/student/exams/{world.exam_a.id}")).text()
+    assert "what is captured" in html and "Share screen" in html and "/static/student.js" in html
+    js = await client.get("/static/stream.js")
+    assert js.status == 200 and "getDisplayMedia" in await js.text()
+
+
+async def test_open_redirect_after_login_is_refused(client):
+    page = await client.get("/login")
+    token = _csrf_from(await page.text())
+    resp = await client.post("/login", data={"username": "teach-a", "password": PASSWORD, "csrf_token": token,
+                                             "next": "//evil.example/x"}, allow_redirects=False)
+    assert resp.headers["Location"] == "/teacher"
+
+
+async def test_page_form_creates_exam(client, world):
+    await login(client, "teach-a")
+    token = _csrf_from(await (await client.get("/teacher/exams/new")).text())
+    resp = await client.post("/teacher/exams", data=[("csrf_token", token), ("name", "Chemistry"),
+                                                     ("allowed_heads", "vscode"), ("allowed_heads", "chat"),
+                                                     ("roster", "stud-a, stud-b")], allow_redirects=False)
+    assert resp.status == 302, await resp.text()
+    exams = await world.store.list_exams(owner_id=world.teacher_a.id)
+    chem = next(e for e in exams if e.name == "Chemistry")
+    assert set(chem.allowed_heads) == {"vscode", "chat"}
+    assert {u.username for u in await world.store.list_roster(chem.id)} == {"stud-a", "stud-b"}
+    resp = await client.post("/teacher/exams", data=[("csrf_token", token), ("name", "Bad"), ("roster", "ghost")])
+    assert resp.status == 400 and "ghost" in await resp.text()

@@ -1,0 +1,170 @@
+"""The web app's login inside the real server (create_app): who may open which WebSocket, with which Origin."""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import subprocess
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from fakes import FakeClassifier
+from proctor.config import Config
+from proctor.passwords import hash_password
+from proctor.server import create_app
+from proctor.storage import open_store
+from proctor.web.services import parse_head_file
+from test_web import head_file
+
+PASSWORD = "correct-horse-battery"
+MAKE_CERT = Path(__file__).resolve().parent.parent / "scripts" / "make-dev-cert"
+
+
+@pytest.fixture
+async def store(tmp_path):
+    s = await open_store(f"sqlite:///{tmp_path}/test.db")
+    await s.migrate()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+async def hall(store):
+    pw = hash_password(PASSWORD)
+    teacher_a = await store.create_user("teach-a", "Teacher A", "teacher", pw)
+    await store.create_user("teach-b", "Teacher B", "teacher", pw)
+    on_roster = await store.create_user("stud-in", "Student In", "student", pw)
+    await store.create_user("stud-out", "Student Out", "student", pw)
+    await store.add_head(parse_head_file(head_file("editor", "Code editor")))
+    exam = await store.create_exam("Algebra", teacher_a.id, ["editor"], "JOINX2YZ")
+    await store.add_to_roster(exam.id, on_roster.id)
+    return await store.set_exam_state(exam.id, "running")
+
+
+@pytest.fixture
+async def client(aiohttp_client, tmp_path, store, hall):
+    config = Config(database_url=f"sqlite:///{tmp_path}/test.db", data_dir=str(tmp_path))
+    return await aiohttp_client(create_app(config, store=store, classifier=FakeClassifier()))
+
+
+async def login(client, username):
+    resp = await client.post("/api/login", json={"username": username, "password": PASSWORD})
+    assert resp.status == 200, await resp.text()
+    return (await resp.json())["csrf_token"]
+
+
+def origin(client):
+    return f"http://{client.server.host}:{client.server.port}"
+
+
+async def ws_status(client, path, headers):
+    """The HTTP status of a refused WebSocket handshake (101 when it was accepted)."""
+    try:
+        ws = await client.ws_connect(path, headers=headers)
+    except aiohttp.WSServerHandshakeError as exc:
+        return exc.status
+    await ws.close()
+    return 101
+
+
+async def test_student_not_on_roster_cannot_stream(client, hall):
+    await login(client, "stud-out")
+    assert await ws_status(client, f"/ws/exams/{hall.id}/stream", {"Origin": origin(client)}) == 403
+
+
+async def test_student_on_roster_streams(client, hall):
+    await login(client, "stud-in")
+    ws = await client.ws_connect(f"/ws/exams/{hall.id}/stream", headers={"Origin": origin(client)})
+    assert (await ws.receive_json(timeout=5))["type"] == "config"
+    await ws.close()
+
+
+async def test_student_who_joins_with_code_may_stream(client, hall):
+    token = await login(client, "stud-out")
+    resp = await client.post("/api/exams/join", json={"code": "joinx2yz"}, headers={"X-CSRF-Token": token})
+    assert resp.status == 200, await resp.text()
+    ws = await client.ws_connect(f"/ws/exams/{hall.id}/stream", headers={"Origin": origin(client)})
+    assert (await ws.receive_json(timeout=5))["type"] == "config"
+    await ws.close()
+
+
+async def test_forged_origin_is_refused_on_both_websockets(client, hall):
+    await login(client, "stud-in")
+    evil = {"Origin": "https://evil.example"}
+    assert await ws_status(client, f"/ws/exams/{hall.id}/stream", evil) == 403
+    assert await ws_status(client, f"/ws/exams/{hall.id}/stream", {}) == 403  # no Origin at all
+    client.session.cookie_jar.clear()
+    await login(client, "teach-a")
+    assert await ws_status(client, f"/ws/exams/{hall.id}/live", evil) == 403
+    assert await ws_status(client, f"/ws/exams/{hall.id}/live", {"Origin": origin(client)}) == 101
+
+
+async def test_teacher_b_cannot_watch_teacher_a_exam(client, hall):
+    await login(client, "teach-b")
+    assert await ws_status(client, f"/ws/exams/{hall.id}/live", {"Origin": origin(client)}) == 403
+
+
+async def test_websocket_without_login_is_401(client, hall):
+    assert await ws_status(client, f"/ws/exams/{hall.id}/stream", {"Origin": origin(client)}) == 401
+
+
+async def test_pages_and_api_are_served_by_the_real_app(client, hall):
+    assert (await client.get("/login")).status == 200
+    assert (await client.get("/static/stream.js")).status == 200
+    await login(client, "teach-a")
+    exams = (await (await client.get("/api/exams")).json())["exams"]
+    assert [e["id"] for e in exams] == [hall.id]
+
+
+async def test_ending_the_exam_closes_student_streams(client, hall):
+    await login(client, "stud-in")
+    ws = await client.ws_connect(f"/ws/exams/{hall.id}/stream", headers={"Origin": origin(client)})
+    assert (await ws.receive_json(timeout=5))["type"] == "config"
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as other:
+        base = f"http://{client.server.host}:{client.server.port}"
+        resp = await other.post(base + "/api/login", json={"username": "teach-a", "password": PASSWORD})
+        token = (await resp.json())["csrf_token"]
+        resp = await other.post(base + f"/api/exams/{hall.id}/end", headers={"X-CSRF-Token": token})
+        assert resp.status == 200, await resp.text()
+    msg = await ws.receive(timeout=5)
+    while msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):  # verdicts, heartbeats
+        msg = await ws.receive(timeout=5)
+    assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 4000, msg
+    await ws.close()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+async def test_over_tls_the_cookie_is_secure_and_wss_origin_is_checked(tmp_path, store, hall):
+    out = tmp_path / "tls"
+    subprocess.run([str(MAKE_CERT), str(out)], check=True, capture_output=True, timeout=60)
+    config = Config(database_url=f"sqlite:///{tmp_path}/test.db", data_dir=str(tmp_path),
+                    tls_cert=str(out / "cert.pem"), tls_key=str(out / "key.pem"))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    runner = web.AppRunner(create_app(config, store=store, classifier=FakeClassifier()))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    base = f"https://localhost:{port}"
+    client_ctx = ssl.create_default_context(cafile=str(out / "cert.pem"))
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_ctx)) as session:
+            resp = await session.post(base + "/api/login", json={"username": "stud-in", "password": PASSWORD})
+            assert resp.status == 200
+            cookie = resp.headers["Set-Cookie"]
+            assert "Secure" in cookie and "HttpOnly" in cookie
+            assert "Strict-Transport-Security" in resp.headers
+            ws = await session.ws_connect(f"wss://localhost:{port}/ws/exams/{hall.id}/stream",
+                                          headers={"Origin": base})
+            assert (await ws.receive_json(timeout=5))["type"] == "config"
+            await ws.close()
+            with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+                await session.ws_connect(f"wss://localhost:{port}/ws/exams/{hall.id}/stream",
+                                         headers={"Origin": f"http://localhost:{port}"})
+            assert info.value.status == 403  # http:// is another origin than https://
+    finally:
+        await runner.cleanup()
