@@ -13,11 +13,18 @@ import numpy as np
 import pytest
 import simplejpeg
 from aiohttp import WSMsgType, web
+from fakes import FAKE_HEADS, FakeClassifier
 from prometheus_client import CollectorRegistry, generate_latest
+from safetensors.numpy import save as save_safetensors
 
 from benchmarks import loadgen
+from proctor.appkeys import STORE_KEY
+from proctor.config import Config
 from proctor.metrics import Metrics
+from proctor.passwords import hash_password
 from proctor.protocol import E_OVERLOADED, E_REPLACED, unpack_frame
+from proctor.server import create_app
+from proctor.storage.base import HeadRecord, utcnow
 
 # ------------------------------------------------------------------------------------------- statistics
 
@@ -551,99 +558,8 @@ async def test_find_capacity_against_fake_server(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------- end to end, real server
 
-try:
-    from proctor.server import create_app
-except ImportError:
-    create_app = None
-import proctor.web  # noqa: E402
-
-# create_app mounts the pages and JSON API through proctor.web.setup once that exists.
-_WEB_API = getattr(proctor.web, "setup", None)
-
-
-class CookieLogin:
-    """Test login for the real server while its JSON API is elsewhere: POST /api/login sets a cookie."""
-
-    def __init__(self) -> None:
-        self.tokens: dict[str, int] = {}
-
-    async def login(self, request: web.Request) -> web.Response:
-        from proctor.appkeys import STORE_KEY
-        from proctor.passwords import verify_password
-
-        body = await request.json()
-        user = await request.app[STORE_KEY].get_user_by_name(body["username"])
-        if not verify_password(user.password_hash, body["password"]):
-            raise web.HTTPUnauthorized(text="bad password")
-        token = secrets.token_hex(8)
-        self.tokens[token] = user.id
-        response = web.json_response({"user": {"username": user.username}, "csrf_token": token})
-        response.set_cookie("test_session", token, httponly=True, samesite="Lax")
-        return response
-
-    async def current_user(self, request: web.Request) -> Any:
-        from proctor.appkeys import STORE_KEY
-
-        user_id = self.tokens.get(request.cookies.get("test_session", ""))
-        return None if user_id is None else await request.app[STORE_KEY].get_user(user_id)
-
-    def origin_allowed(self, request: web.Request) -> bool:
-        return request.headers.get("Origin") == f"{request.scheme}://{request.host}"
-
-
-# Once proctor.web is merged its middlewares own /api/ and /ws/ logins, and the test through the API below
-# covers everything this one does; delete this test and CookieLogin then.
-@pytest.mark.skipif(create_app is None or _WEB_API is not None,
-                    reason="stub-login variant: only while proctor.web (the JSON API) is absent; "
-                           "test_loadgen_end_to_end_through_the_api replaces it")
-async def test_loadgen_streams_to_the_real_server(tmp_path: Path) -> None:
-    """Real sessions, batcher and metrics; students and exam made in the store, login stubbed (see CookieLogin)."""
-    from fakes import FakeClassifier
-
-    from proctor.appkeys import STORE_KEY
-    from proctor.config import Config
-    from proctor.passwords import hash_password
-
-    config = Config(database_url=f"sqlite:///{tmp_path}/proctor.db", data_dir=str(tmp_path), client_fps=2.0,
-                    metrics_token="metrics-secret")
-    classifier = FakeClassifier()
-    login = CookieLogin()
-    app = create_app(config, classifier=classifier, authenticator=login)
-    app.router.add_post("/api/login", login.login)
-    runner, url = await _serve(app)
-    try:
-        store = app[STORE_KEY]
-        await _add_heads(store)
-        teacher = await store.create_user("lgteacher", "Teacher", "teacher", hash_password("teacher-pass-1"))
-        exam = await store.create_exam("Load", teacher.id, ["editor", "terminal"], "LOAD01")
-        students = []
-        password_hash = hash_password("student-pass-1")  # one hash for all: argon2 is slow on purpose
-        for i in range(20):
-            user = await store.create_user(f"lgs{i:02d}", f"Student {i}", "student", password_hash)
-            await store.add_to_roster(exam.id, user.id)
-            students.append((user.username, "student-pass-1"))
-        await store.set_exam_state(exam.id, "running")
-        creds = tmp_path / "creds.json"
-        loadgen.Credentials(exam_id=exam.id, students=students, server=url).dump(creds)
-        out = tmp_path / "real.json"
-        opts = loadgen.parse_options([
-            "--url", url, "--credentials", str(creds), "--students", "20", "--fps", "2", "--duration", "3",
-            "--metrics-token", "metrics-secret", "--images", str(_jpeg_dir(tmp_path)), "--pool", "8",
-            "--json", str(out)])
-        report = await loadgen.run(opts)
-    finally:
-        await runner.cleanup()
-    _check_real_run(report, out, students=20, frames=20 * 6)
-    assert sum(classifier.batch_sizes) == report["server"]["frames_classified"]
-
-
 async def _add_heads(store: Any) -> None:
     """The fake classifier's heads, stored: exams may only whitelist heads the store knows."""
-    from fakes import FAKE_HEADS
-    from safetensors.numpy import save as save_safetensors
-
-    from proctor.storage.base import HeadRecord, utcnow
-
     weights = save_safetensors({"fc.weight": np.zeros((1, 1280), np.float32), "fc.bias": np.zeros(1, np.float32)})
     for info in FAKE_HEADS:
         await store.add_head(HeadRecord(name=info.name, program=info.program, description="", threshold=0.5,
@@ -651,34 +567,12 @@ async def _add_heads(store: Any) -> None:
                                         created_at=utcnow()))
 
 
-def _check_real_run(report: dict[str, Any], out: Path, students: int, frames: int) -> None:
-    assert report["errors"] == {}
-    assert report["frames_sent"] == frames
-    assert set(report["dropped"]) <= {E_REPLACED}
-    assert report["verdicts"] + sum(report["dropped"].values()) == report["frames_sent"]
-    assert report["cached_verdicts"] > 0  # unchanged screens reuse the last verdict
-    assert report["latency_ms"]["p99"] < 1000
-    server = report["server"]
-    assert server["frames_received"] == report["frames_sent"]
-    assert server["frames_classified"] + server["frames_unchanged"] + sum(server["frames_dropped"].values()) \
-        == server["frames_received"]
-    assert server["frames_classified"] > 0 and server["cpu_cores"] is not None and server["rss_mb"] > 0
-    assert json.loads(out.read_text())["students"] == students
-
-
-@pytest.mark.skipif(_WEB_API is None, reason="the JSON API (proctor.web: /api/login, /api/users, /api/exams) "
-                                             "is not on this branch yet; this test runs once it is merged")
 async def test_loadgen_end_to_end_through_the_api(tmp_path: Path) -> None:
-    """Everything real: loadgen creates the teacher, students and exam through the API, then streams."""
-    from fakes import FakeClassifier
-
-    from proctor.appkeys import STORE_KEY
-    from proctor.config import Config
-    from proctor.passwords import hash_password
-
+    """Everything real but the model: loadgen creates teacher, students and exam through the API, then streams."""
     config = Config(database_url=f"sqlite:///{tmp_path}/proctor.db", data_dir=str(tmp_path), client_fps=2.0,
                     metrics_token="metrics-secret")
-    app = create_app(config, classifier=FakeClassifier())
+    classifier = FakeClassifier()
+    app = create_app(config, classifier=classifier)
     runner, url = await _serve(app)
     try:
         await _add_heads(app[STORE_KEY])
@@ -691,7 +585,19 @@ async def test_loadgen_end_to_end_through_the_api(tmp_path: Path) -> None:
         report = await loadgen.run(opts)
     finally:
         await runner.cleanup()
-    _check_real_run(report, out, students=20, frames=20 * 6)
+    assert report["errors"] == {}
+    assert report["frames_sent"] == 20 * 6
+    assert set(report["dropped"]) <= {E_REPLACED}
+    assert report["verdicts"] + sum(report["dropped"].values()) == report["frames_sent"]
+    assert report["cached_verdicts"] > 0  # unchanged screens reuse the last verdict
+    assert report["latency_ms"]["p99"] < 1000
+    server = report["server"]
+    assert server["frames_received"] == report["frames_sent"]
+    assert server["frames_classified"] + server["frames_unchanged"] + sum(server["frames_dropped"].values()) \
+        == server["frames_received"]
+    assert sum(classifier.batch_sizes) == server["frames_classified"] > 0
+    assert server["cpu_cores"] is not None and server["rss_mb"] > 0
+    assert json.loads(out.read_text())["students"] == 20
 
 
 def _jpeg_dir(tmp_path: Path) -> Path:
