@@ -61,6 +61,9 @@ class Metrics:
                                         ["code"], registry=r)
         self.store_errors = Counter("proctor_store_errors", "Failed store operations (retried or not).",
                                     registry=r)
+        self.store_writes_refused = Counter("proctor_store_writes_refused",
+                                            "Writes refused because the store's write-behind queue was full.",
+                                            registry=r)
         # Make the labelled series visible at 0 from the start, so dashboards and alerts see them.
         for reason in DROP_REASONS:
             self.frames_dropped.labels(reason)

@@ -322,8 +322,10 @@ def _keras_backbone_cached(path: Path, cache_dir: str | os.PathLike | None, sour
             return load_backbone_file(cached)
         except BackboneError as exc:
             logger.warning("ignoring the unreadable cached backbone %s: %s", cached, exc)
-    backbone = keras_import.read_keras_model(path).backbone
-    backbone = Backbone(backbone.features, KERAS_PREPROCESSING, "keras", "avg", source)
+    backbone = keras_import.read_keras_model(path, pixels="symmetric").backbone
+    # The shared backbone runs at screen size with Keras' [-1, 1] scaling, whatever the file was trained at.
+    backbone.spec = dataclasses.replace(backbone.spec, preprocessing=KERAS_PREPROCESSING, pooling="avg",
+                                        source=source)
     if cached is not None:
         backbone.save(cached)
         logger.info("converted %s into %s", path, cached)
@@ -470,11 +472,6 @@ class BackboneLibrary:
         if self.directory is not None and self.directory.is_dir():
             hashes.update(p.stem for p in self.directory.glob("*.pt"))
         return sorted(hashes)
-
-
-def with_preprocessing(spec: BackboneSpec, **changes: Any) -> Preprocessing:
-    """The spec's preprocessing with some fields changed (e.g. width/height for another input size)."""
-    return dataclasses.replace(spec.preprocessing, **changes)
 
 
 __all__ = [

@@ -1,0 +1,150 @@
+"""Write a backbone (MobileNetV2 features + pooling) as an ONNX graph for ONNX Runtime on the CPU.
+
+The graph is built node by node from the weights rather than traced: batch norms are folded into the
+convolutions, Keras' asymmetric 'same' padding becomes explicit Conv pads for the fixed input size,
+the batch axis stays dynamic, and nothing depends on torch's deprecated TorchScript exporter.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from proctor.models.backbone import Backbone, feature_dim, same_padding
+from proctor.models.interface import Preprocessing
+
+logger = logging.getLogger(__name__)
+
+OPSET = 17
+IR_VERSION = 8
+INPUT_NAME = "input"
+OUTPUT_NAME = "features"
+
+
+class _Graph:
+    def __init__(self, keras_padding: bool, height: int, width: int):
+        self.nodes: list = []
+        self.initializers: list = []
+        self.keras_padding = keras_padding
+        self.size = (height, width)
+        self._count = 0
+
+    def name(self, prefix: str) -> str:
+        self._count += 1
+        return f"{prefix}_{self._count}"
+
+    def constant(self, array: np.ndarray, prefix: str) -> str:
+        from onnx import numpy_helper
+
+        name = self.name(prefix)
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], output: str | None = None, **attrs) -> str:
+        from onnx import helper
+
+        out = output or self.name(op.lower())
+        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def conv_bn(self, x: str, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu6: bool) -> str:
+        """Conv with the batch norm folded in (computed in float64), then ReLU6 as Clip(0, 6)."""
+        w = conv.weight.detach().double().numpy()
+        scale = bn.weight.detach().double().numpy() / np.sqrt(bn.running_var.detach().double().numpy() + bn.eps)
+        bias = bn.bias.detach().double().numpy() - bn.running_mean.detach().double().numpy() * scale
+        kh, kw = conv.kernel_size
+        sh, sw = conv.stride
+        h, w_ = self.size
+        if self.keras_padding and conv.stride != (1, 1):
+            th, tw = same_padding(h, kh, sh), same_padding(w_, kw, sw)
+            pads = [th // 2, tw // 2, th - th // 2, tw - tw // 2]
+        else:
+            ph, pw = conv.padding if isinstance(conv.padding, tuple) else (kh // 2, kw // 2)
+            pads = [ph, pw, ph, pw]
+        self.size = ((h + pads[0] + pads[2] - kh) // sh + 1, (w_ + pads[1] + pads[3] - kw) // sw + 1)
+        weight = self.constant((w * scale[:, None, None, None]).astype(np.float32), "w")
+        b = self.constant(bias.astype(np.float32), "b")
+        y = self.node("Conv", [x, weight, b], kernel_shape=[kh, kw], strides=[sh, sw], pads=pads,
+                      group=conv.groups)
+        if relu6:
+            lo = self.constant(np.array(0.0, np.float32), "zero")
+            hi = self.constant(np.array(6.0, np.float32), "six")
+            y = self.node("Clip", [y, lo, hi])
+        return y
+
+    def block(self, x: str, module: nn.Module) -> str:
+        """One element of MobileNetV2 `.features`: a conv-BN-ReLU6 or an inverted residual."""
+        if hasattr(module, "use_res_connect"):
+            y = x
+            layers = list(module.conv)
+            i = 0
+            while i < len(layers):
+                layer = layers[i]
+                if isinstance(layer, nn.Conv2d):  # the linear projection: conv then BN, no activation
+                    y = self.conv_bn(y, layer, layers[i + 1], relu6=False)
+                    i += 2
+                else:
+                    y = self.conv_bn(y, layer[0], layer[1], relu6=True)
+                    i += 1
+            return self.node("Add", [x, y]) if module.use_res_connect else y
+        return self.conv_bn(x, module[0], module[1], relu6=True)
+
+
+def build_onnx(backbone: Backbone, preprocessing: Preprocessing, pooling: str):
+    """The ONNX model: input [N, 3, H, W] float32 (already preprocessed) -> features [N, F]."""
+    from onnx import TensorProto, checker, helper
+
+    graph = _Graph(backbone.spec.padding == "keras", preprocessing.height, preprocessing.width)
+    x = INPUT_NAME
+    for module in backbone.features:
+        x = graph.block(x, module)
+    if pooling == "avg":
+        x = graph.node("GlobalAveragePool", [x])
+    else:  # Keras' Flatten order: (H, W, C)
+        x = graph.node("Transpose", [x], perm=[0, 2, 3, 1])
+    graph.node("Flatten", [x], output=OUTPUT_NAME, axis=1)
+    dim = feature_dim(preprocessing, pooling)
+    model = helper.make_model(
+        helper.make_graph(
+            graph.nodes, "mobilenetv2_features",
+            [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT,
+                                           ["batch", 3, preprocessing.height, preprocessing.width])],
+            [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", dim])],
+            graph.initializers),
+        opset_imports=[helper.make_opsetid("", OPSET)], producer_name="proctor")
+    model.ir_version = IR_VERSION
+    checker.check_model(model)
+    return model
+
+
+def onnx_path(cache_dir: str | os.PathLike, backbone: Backbone, preprocessing: Preprocessing, pooling: str) -> Path:
+    """Where the exported graph for this backbone, input size and pooling is cached."""
+    return Path(cache_dir) / f"backbone-{backbone.weights_hash}-{preprocessing.width}x{preprocessing.height}-{pooling}.onnx"
+
+
+def export_onnx(backbone: Backbone, preprocessing: Preprocessing, pooling: str,
+                cache_dir: str | os.PathLike | None) -> bytes | Path:
+    """The ONNX graph: a cached file under cache_dir (written atomically once), or bytes without a cache."""
+    if cache_dir is None:
+        return build_onnx(backbone, preprocessing, pooling).SerializeToString()
+    path = onnx_path(cache_dir, backbone, preprocessing, pooling)
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = build_onnx(backbone, preprocessing, pooling).SerializeToString()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    logger.info("exported the backbone %s at %dx%d (%s) to %s", backbone.weights_hash[:12], preprocessing.width,
+                preprocessing.height, pooling, path)
+    return path

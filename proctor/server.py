@@ -1,0 +1,379 @@
+"""The aiohttp application: `create_app(config)` and the `proctor serve` command.
+
+Every long-lived resource (store, write-behind queue, model engine, batcher and its
+threads, the hub) is an async generator in app.cleanup_ctx: created at start, torn down
+in reverse order at shutdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import importlib
+import logging
+import ssl
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator, Protocol, Sequence
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from proctor import config as config_module
+from proctor import protocol
+from proctor.appkeys import (CLASSIFIER_KEY, CONFIG_KEY, EXTRA_KEY, HUB_KEY, METRICS_KEY, STORE_KEY,
+                             WRITER_KEY)
+from proctor.batching import decode
+from proctor.batching.batcher import DynamicBatcher
+from proctor.config import Config
+from proctor.metrics import Metrics
+from proctor.models.interface import Classifier
+from proctor.sessions import Hub, Outbox, StreamContext, StreamSession, alert_message
+from proctor.storage.base import NotFound, StoreError, User
+
+logger = logging.getLogger(__name__)
+
+
+class Authenticator(Protocol):
+    """The seam between the WebSocket endpoints and login: proctor.web.auth implements it."""
+
+    async def current_user(self, request: web.Request) -> User | None: ...
+
+    def origin_allowed(self, request: web.Request) -> bool: ...
+
+
+AUTH_KEY: "web.AppKey[Authenticator]" = web.AppKey("authenticator")
+BATCHER_KEY = web.AppKey("batcher", DynamicBatcher)
+STREAM_CTX_KEY = web.AppKey("stream_context", StreamContext)
+READY_KEY = web.AppKey("ready", dict)
+
+
+def create_app(config: Config, *, store: Any = None, classifier: Classifier | None = None,
+               authenticator: Authenticator | None = None,
+               registry: CollectorRegistry | None = None) -> web.Application:
+    """Build the application. Tests pass a store, a fake classifier or authenticator; the server builds its own."""
+    app = web.Application(client_max_size=4 * 1024 * 1024)
+    app[CONFIG_KEY] = config
+    app[METRICS_KEY] = Metrics(registry)
+    app[EXTRA_KEY] = {}
+    app[READY_KEY] = {"classifier": False}
+    app[AUTH_KEY] = authenticator if authenticator is not None else _default_authenticator()
+    app.cleanup_ctx.append(_store_ctx(store))
+    app.cleanup_ctx.append(_writer_ctx)
+    app.cleanup_ctx.append(_classifier_ctx(classifier))
+    app.cleanup_ctx.append(_pipeline_ctx)
+    app.cleanup_ctx.append(_notifications_ctx)
+    app.router.add_get("/ws/exams/{exam_id:\\d+}/stream", stream_handler)
+    app.router.add_get("/ws/exams/{exam_id:\\d+}/live", live_handler)
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/healthz", healthz_handler)
+    app.router.add_get("/readyz", readyz_handler)
+    # The pages and JSON API (proctor.web) register their own routes and middlewares.
+    web_setup = getattr(_optional_module("proctor.web"), "setup", None)
+    if web_setup is not None:
+        web_setup(app)
+    return app
+
+
+def _optional_module(name: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:
+            raise
+        return None
+
+
+def _default_authenticator() -> Authenticator:
+    auth = _optional_module("proctor.web.auth")
+    if auth is None:
+        raise RuntimeError("proctor.web.auth is missing: pass an authenticator to create_app")
+    return auth  # the module's functions implement the protocol
+
+
+# -- resources (cleanup_ctx) -------------------------------------------------------------------
+
+def _store_ctx(given: Any):
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        if given is not None:
+            app[STORE_KEY] = given
+            yield
+            return
+        from proctor.storage import open_store
+
+        store = await open_store(app[CONFIG_KEY].database_url)
+        try:
+            await store.migrate()
+            app[STORE_KEY] = store
+            yield
+        finally:
+            await store.close()
+    return ctx
+
+
+async def _writer_ctx(app: web.Application) -> AsyncIterator[None]:
+    from proctor.storage.writer import WriteBehind
+
+    writer = WriteBehind(app[STORE_KEY], app[METRICS_KEY], maxsize=app[CONFIG_KEY].store_queue_size)
+    writer.start()
+    app[WRITER_KEY] = writer
+    try:
+        yield
+    finally:
+        await writer.close(timeout=10.0)
+
+
+def _classifier_ctx(given: Classifier | None):
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        classifier = given
+        if classifier is None:
+            from proctor.models.engine import Engine
+
+            loop = asyncio.get_running_loop()
+            # Building the engine may export the backbone to ONNX: minutes at worst, off the loop.
+            classifier = await loop.run_in_executor(None, Engine.from_config, app[CONFIG_KEY])
+        app[CLASSIFIER_KEY] = classifier
+        await reload_heads(app)
+        app[READY_KEY]["classifier"] = True
+        yield
+    return ctx
+
+
+async def reload_heads(app: web.Application) -> None:
+    """Load the store's active heads into the classifier (atomic swap); called at start and on change."""
+    classifier = app[CLASSIFIER_KEY]
+    set_heads = getattr(classifier, "set_heads", None)
+    if set_heads is None:
+        return
+    records = await app[STORE_KEY].list_heads(active_only=True)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, set_heads, records)
+    app[METRICS_KEY].heads_loaded.set(len(classifier.heads))
+    logger.info("heads loaded: %s", ", ".join(h.name for h in classifier.heads) or "none")
+
+
+async def _pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG_KEY]
+    metrics = app[METRICS_KEY]
+    classifier = app[CLASSIFIER_KEY]
+    decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
+    # One inference thread: the model is the serial resource; batching, not threads, gives throughput.
+    infer_pool = ThreadPoolExecutor(1, thread_name_prefix="inference")
+
+    def prepare(jpeg: bytes):
+        return decode.decode_rgb(jpeg, classifier.frame_size)
+
+    def infer(frames: list) -> list:
+        scores = classifier.classify(frames)
+        return [(scores.heads, scores.values[i]) for i in range(len(frames))]
+
+    batcher = DynamicBatcher(prepare=prepare, infer=infer, decode_executor=decode_pool,
+                             infer_executor=infer_pool, max_batch=config.max_batch,
+                             max_wait_s=config.max_wait_s, max_queue=config.queue_size,
+                             decode_chunks=config.decode_threads, metrics=metrics)
+    batcher.start()
+    store = app[STORE_KEY]
+    hub = Hub(metrics, node_id=uuid.uuid4().hex[:12],
+              publish=lambda channel, payload: app[WRITER_KEY].submit(lambda: store.publish(channel, payload)))
+    app[BATCHER_KEY] = batcher
+    app[HUB_KEY] = hub
+    app[STREAM_CTX_KEY] = StreamContext(config=config, metrics=metrics, batcher=batcher,
+                                        decode_executor=decode_pool, hub=hub,
+                                        write=app[WRITER_KEY].submit, store=store)
+    stale_task = asyncio.create_task(_watch_stale(hub), name="stale-watch")
+    try:
+        yield
+    finally:
+        stale_task.cancel()
+        await asyncio.gather(stale_task, return_exceptions=True)
+        await hub.close_all(protocol.CLOSE_GOING_AWAY, "server shutting down")
+        await batcher.close()
+        decode_pool.shutdown(wait=True)
+        infer_pool.shutdown(wait=True)
+
+
+async def _watch_stale(hub: Hub) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(1.0)
+        hub.mark_stale(loop.time())
+
+
+async def _notifications_ctx(app: web.Application) -> AsyncIterator[None]:
+    """React to changes made through any node: head set, alerts, presence, exams ending."""
+    store = app[STORE_KEY]
+    hub = app[HUB_KEY]
+
+    async def on_notification(channel: str, payload: dict[str, Any]) -> None:
+        try:
+            if channel == "heads":
+                await reload_heads(app)
+            elif channel == "exam" and payload.get("state") == "ended":
+                await hub.close_exam(int(payload["id"]), protocol.CLOSE_EXAM_ENDED, "the exam has ended")
+            elif payload.get("node") == hub.node_id:
+                return  # our own alert/presence: already fanned out locally
+            elif channel == "alert":
+                await _relay_alert(app, payload)
+            elif channel == "alert_closed":
+                hub.alert_closed(int(payload["exam_id"]), int(payload["student_id"]), payload["alert_id"],
+                                 payload["closed_at"])
+            elif channel == "presence":
+                user = User(int(payload["student_id"]), payload["username"], payload.get("full_name", ""),
+                            "student", True, "", None)  # type: ignore[arg-type]
+                hub.set_presence(int(payload["exam_id"]), user, payload["state"], payload.get("displays"),
+                                 from_node=payload["node"])
+        except Exception:
+            logger.exception("handling %s notification %r failed", channel, payload)
+
+    await store.subscribe(on_notification)
+    yield
+
+
+async def _relay_alert(app: web.Application, payload: dict[str, Any]) -> None:
+    store = app[STORE_KEY]
+    alert = await store.get_alert(payload["id"])
+    user = await store.get_user(alert.student_id)
+    loop = asyncio.get_running_loop()
+    thumb = await loop.run_in_executor(None, decode.evidence_thumbnail, alert.evidence)
+    app[HUB_KEY].alert_opened(alert.exam_id, user, alert_message(alert, user, thumb))
+
+
+# -- WebSocket endpoints -------------------------------------------------------------------------
+
+def _refuse(status: type[web.HTTPException], message: str) -> web.HTTPException:
+    return status(text=f'{{"error": "{message}"}}', content_type="application/json")
+
+
+async def _ws_user(request: web.Request) -> User:
+    auth = request.app[AUTH_KEY]
+    if not auth.origin_allowed(request):
+        raise _refuse(web.HTTPForbidden, "WebSocket Origin not allowed")
+    user = await auth.current_user(request)
+    if user is None:
+        raise _refuse(web.HTTPUnauthorized, "log in first")
+    return user
+
+
+async def _exam_of(request: web.Request):
+    try:
+        return await request.app[STORE_KEY].get_exam(int(request.match_info["exam_id"]))
+    except NotFound:
+        raise _refuse(web.HTTPNotFound, "no such exam") from None
+
+
+async def stream_handler(request: web.Request) -> web.StreamResponse:
+    """A student's screen stream into one running exam they are on the roster of."""
+    user = await _ws_user(request)
+    exam = await _exam_of(request)
+    store = request.app[STORE_KEY]
+    if user.role != "student":
+        raise _refuse(web.HTTPForbidden, "only students stream their screen")
+    if not await store.is_on_roster(exam.id, user.id):
+        raise _refuse(web.HTTPForbidden, "you are not on this exam's roster")
+    if exam.state != "running":
+        raise _refuse(web.HTTPConflict, f"the exam is {exam.state}, not running")
+    config = request.app[CONFIG_KEY]
+    # Messages up to twice the frame limit are read and refused with an error; beyond that,
+    # aiohttp stops reading and closes with 1009 so a 50 MB message never sits in memory.
+    ws = web.WebSocketResponse(max_msg_size=2 * config.max_frame_bytes + protocol.HEADER_SIZE,
+                               heartbeat=30.0, compress=False)
+    await ws.prepare(request)
+    session = StreamSession(request.app[STREAM_CTX_KEY], exam, user, ws)
+    try:
+        await session.run()
+    except Exception:
+        logger.exception("stream of %s in exam %d failed", user.username, exam.id)
+        await ws.close(code=protocol.CLOSE_INTERNAL, message=b"internal error")
+    if ws.close_code == protocol.CLOSE_TOO_BIG:
+        request.app[METRICS_KEY].websocket_errors.labels("message_too_big").inc()
+        request.app[METRICS_KEY].frames_dropped.labels("oversize").inc()
+    return ws
+
+
+async def live_handler(request: web.Request) -> web.StreamResponse:
+    """A teacher's live view of one exam: snapshot, then presence and alerts as they happen."""
+    user = await _ws_user(request)
+    exam = await _exam_of(request)
+    if user.role != "admin" and exam.owner_id != user.id:
+        raise _refuse(web.HTTPForbidden, "this exam belongs to another teacher")
+    store = request.app[STORE_KEY]
+    ws = web.WebSocketResponse(heartbeat=30.0)
+    await ws.prepare(request)
+    hub = request.app[HUB_KEY]
+    outbox = Outbox(ws, request.app[METRICS_KEY])
+    try:
+        roster = await store.list_roster(exam.id)
+        outbox.send(hub.add_teacher(exam.id, roster=roster, outbox=outbox))
+        async for _ in ws:
+            pass  # teachers only listen; incoming messages are ignored
+    except StoreError:
+        logger.exception("live view of exam %d failed", exam.id)
+        await ws.close(code=protocol.CLOSE_INTERNAL, message=b"database unavailable")
+    finally:
+        hub.remove_teacher(exam.id, outbox)
+        await outbox.close()
+    return ws
+
+
+# -- operations endpoints ------------------------------------------------------------------------
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    token = request.app[CONFIG_KEY].metrics_token
+    if token is not None:
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return web.json_response({"error": "metrics need the bearer token"}, status=401)
+    body = generate_latest(request.app[METRICS_KEY].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def healthz_handler(request: web.Request) -> web.Response:
+    return web.json_response({"status": "up"})
+
+
+async def readyz_handler(request: web.Request) -> web.Response:
+    problems = []
+    if not request.app[READY_KEY]["classifier"]:
+        problems.append("model not loaded")
+    try:
+        await asyncio.wait_for(request.app[STORE_KEY].ping(), 2.0)
+    except (StoreError, asyncio.TimeoutError, OSError) as exc:
+        problems.append(f"store unreachable: {exc or type(exc).__name__}")
+    if problems:
+        return web.json_response({"status": "not ready", "problems": problems}, status=503)
+    return web.json_response({"status": "ready", "heads": [h.name for h in request.app[CLASSIFIER_KEY].heads]})
+
+
+# -- the serve command ---------------------------------------------------------------------------
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("serve", help="run the proctoring server")
+    config_module.add_arguments(parser)
+    parser.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from proctor.cli import CommandError
+
+    try:
+        config = config_module.from_sources(args)
+    except config_module.ConfigError as exc:
+        raise CommandError(str(exc)) from None
+    logging.getLogger().setLevel(config.log_level.upper())
+    run(config)
+    return 0
+
+
+def run(config: Config, argv: Sequence[str] | None = None) -> None:
+    import uvloop
+
+    ssl_context = None
+    if config.tls:
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(config.tls_cert, config.tls_key)
+    scheme = "https" if ssl_context else "http"
+    print(f"Proctor listening on {scheme}://{config.host}:{config.port}/ (log in with the admin account "
+          f"`proctor init` printed; Ctrl-C stops)", flush=True)
+    web.run_app(create_app(config), host=config.host, port=config.port, ssl_context=ssl_context,
+                loop=uvloop.new_event_loop(), print=None, access_log=None)

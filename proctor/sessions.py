@@ -1,0 +1,530 @@
+"""Per-student stream sessions and the teacher fan-out hub.
+
+A StreamSession owns one student's WebSocket: admission checks, change detection,
+submission to the batcher, verdicts back to the student, alert episodes to the hub and
+the store. The Hub keeps, per exam, each student's presence and the teacher sockets
+watching it, and fans alerts and presence out to them (and to other nodes via the store).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import logging
+import uuid
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+from aiohttp import WSMsgType, web
+
+from proctor import protocol
+from proctor.batching import decode
+from proctor.batching.batcher import BatcherClosed, DynamicBatcher, QueueFull, Replaced
+from proctor.config import Config
+from proctor.metrics import Metrics
+from proctor.storage.base import Alert, Exam, SessionEvent, User, utcnow
+from proctor.whitelist import EpisodeTracker, FrameVerdict, Policy, judge
+
+logger = logging.getLogger(__name__)
+
+# Abuse rule: this many bad messages within the window closes the socket (1008).
+_STRIKE_LIMIT = 20
+_STRIKE_WINDOW_S = 10.0
+# Messages waiting to be written to one socket; past this the client is too slow and is closed.
+_OUTBOX_LIMIT = 256
+HEARTBEAT_S = 5.0
+# No message for this long marks a student's stream stale.
+STALE_AFTER_S = 3 * HEARTBEAT_S
+
+PresenceState = str  # "live" | "stale" | "disconnected" | "not_sharing"
+
+
+class Outbox:
+    """A bounded queue of JSON messages written to one WebSocket by its own task.
+
+    Sending never blocks the frame path: when a client stops reading and the queue fills,
+    the socket is closed instead of letting memory grow.
+    """
+
+    def __init__(self, ws: web.WebSocketResponse, metrics: Metrics, limit: int = _OUTBOX_LIMIT) -> None:
+        self._ws = ws
+        self._metrics = metrics
+        self._queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=limit)
+        self._task = asyncio.create_task(self._run(), name="outbox")
+        self.overflowed = False
+
+    def send(self, message: dict[str, Any]) -> None:
+        if self.overflowed or self._ws.closed:
+            return
+        try:
+            self._queue.put_nowait(message)
+        except asyncio.QueueFull:
+            self.overflowed = True
+            logger.warning("client too slow: %d messages unread, closing its socket", self._queue.qsize())
+            self._metrics.websocket_errors.labels("slow_client").inc()
+            asyncio.create_task(self._ws.close(code=protocol.CLOSE_POLICY, message=b"client too slow"))
+
+    async def _run(self) -> None:
+        while True:
+            message = await self._queue.get()
+            if message is None:
+                return
+            if message.get("type") == "error":
+                self._metrics.websocket_errors.labels(message["code"]).inc()
+            try:
+                await self._ws.send_json(message)
+            except (ConnectionError, RuntimeError):
+                return  # socket closed under us; the reader side cleans up
+
+    async def close(self) -> None:
+        if not self._task.done():
+            try:
+                self._queue.put_nowait(None)
+            except asyncio.QueueFull:
+                self._task.cancel()
+            try:
+                await asyncio.wait_for(self._task, 2.0)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                self._task.cancel()
+
+
+@dataclass
+class StudentPresence:
+    student_id: int
+    username: str
+    full_name: str
+    state: PresenceState = "disconnected"
+    displays: int = 1
+    alerts: int = 0
+    last_alert: dict[str, Any] | None = None
+
+    def as_message(self) -> dict[str, Any]:
+        return {"student_id": self.student_id, "username": self.username, "full_name": self.full_name,
+                "state": self.state, "displays": self.displays, "alerts": self.alerts,
+                "last_alert": self.last_alert}
+
+
+@dataclass
+class _ExamRoom:
+    students: dict[int, StudentPresence] = field(default_factory=dict)
+    streams: dict[int, "StreamSession"] = field(default_factory=dict)
+    teachers: set[Outbox] = field(default_factory=set)
+
+
+class Hub:
+    """Per exam: presence of each student, open streams, and the teacher sockets to fan out to."""
+
+    def __init__(self, metrics: Metrics, node_id: str, publish: Callable[[str, dict], Any] | None = None) -> None:
+        self._metrics = metrics
+        self.node_id = node_id
+        self._rooms: dict[int, _ExamRoom] = collections.defaultdict(_ExamRoom)
+        # Cross-node fan-out: store.publish(channel, payload) when several nodes share PostgreSQL.
+        self._publish = publish
+
+    def room(self, exam_id: int) -> _ExamRoom:
+        return self._rooms[exam_id]
+
+    def _update_gauges(self) -> None:
+        streams = sum(len(r.streams) for r in self._rooms.values())
+        self._metrics.active_streams.set(streams)
+        self._metrics.active_exams.set(sum(1 for r in self._rooms.values() if r.streams))
+
+    # streams ------------------------------------------------------------------------------
+
+    def attach_stream(self, exam_id: int, session: "StreamSession") -> "StreamSession | None":
+        """Register a student's stream; returns the stream it replaces (same student reconnecting)."""
+        room = self.room(exam_id)
+        previous = room.streams.get(session.user.id)
+        room.streams[session.user.id] = session
+        self._update_gauges()
+        return previous
+
+    def detach_stream(self, exam_id: int, session: "StreamSession") -> None:
+        room = self.room(exam_id)
+        if room.streams.get(session.user.id) is session:
+            del room.streams[session.user.id]
+            self.set_presence(exam_id, session.user, "disconnected")
+        self._update_gauges()
+
+    def streams(self, exam_id: int) -> list["StreamSession"]:
+        return list(self.room(exam_id).streams.values())
+
+    # presence and alerts -------------------------------------------------------------------
+
+    def _presence(self, exam_id: int, student_id: int, username: str, full_name: str) -> StudentPresence:
+        students = self.room(exam_id).students
+        if student_id not in students:
+            students[student_id] = StudentPresence(student_id, username, full_name)
+        return students[student_id]
+
+    def set_presence(self, exam_id: int, user: User, state: PresenceState, displays: int | None = None,
+                     *, from_node: str | None = None) -> None:
+        presence = self._presence(exam_id, user.id, user.username, user.full_name)
+        changed = presence.state != state or (displays is not None and presence.displays != displays)
+        presence.state = state
+        if displays is not None:
+            presence.displays = displays
+        if not changed:
+            return
+        self.broadcast(exam_id, {"type": "presence", "student_id": user.id, "username": user.username,
+                                 "full_name": user.full_name, "state": state,
+                                 "displays": presence.displays})
+        if from_node is None and self._publish is not None:
+            self._publish("presence", {"exam_id": exam_id, "student_id": user.id, "username": user.username,
+                                       "full_name": user.full_name, "state": state,
+                                       "displays": presence.displays, "node": self.node_id})
+
+    def alert_opened(self, exam_id: int, user: User, alert_message: dict[str, Any]) -> None:
+        """Fan a live alert out to this node's teachers (other nodes hear of it from the store)."""
+        presence = self._presence(exam_id, user.id, user.username, user.full_name)
+        presence.alerts += 1
+        presence.last_alert = {k: alert_message[k] for k in ("id", "opened_at", "verdict", "program")}
+        self.broadcast(exam_id, {"type": "alert", "alert": alert_message})
+
+    def alert_closed(self, exam_id: int, student_id: int, alert_id: str, closed_at: str) -> None:
+        self.broadcast(exam_id, {"type": "alert_closed", "alert_id": alert_id, "student_id": student_id,
+                                 "closed_at": closed_at})
+
+    # teachers ------------------------------------------------------------------------------
+
+    def add_teacher(self, exam_id: int, outbox: Outbox, roster: list[User]) -> dict[str, Any]:
+        """Register a teacher socket; returns the snapshot message to send it first."""
+        room = self.room(exam_id)
+        room.teachers.add(outbox)
+        for user in roster:
+            self._presence(exam_id, user.id, user.username, user.full_name)
+        return {"type": "snapshot", "exam_id": exam_id,
+                "students": [p.as_message() for p in room.students.values()]}
+
+    def remove_teacher(self, exam_id: int, outbox: Outbox) -> None:
+        self.room(exam_id).teachers.discard(outbox)
+
+    def broadcast(self, exam_id: int, message: dict[str, Any]) -> None:
+        for outbox in list(self.room(exam_id).teachers):
+            outbox.send(message)
+
+    # housekeeping ----------------------------------------------------------------------------
+
+    def mark_stale(self, now: float) -> None:
+        """Called periodically: streams silent for STALE_AFTER_S become 'stale' for their teachers."""
+        for exam_id, room in self._rooms.items():
+            for session in list(room.streams.values()):
+                session.check_stale(now)
+
+    async def close_exam(self, exam_id: int, code: int, reason: str) -> None:
+        for session in self.streams(exam_id):
+            await session.close(code, reason)
+
+    async def close_all(self, code: int, reason: str) -> None:
+        for exam_id in list(self._rooms):
+            await self.close_exam(exam_id, code, reason)
+
+
+@dataclass
+class StreamContext:
+    """What every StreamSession shares: built once by the server."""
+
+    config: Config
+    metrics: Metrics
+    batcher: DynamicBatcher
+    decode_executor: Executor
+    hub: Hub
+    # write(factory) queues a store write through the write-behind queue; never blocks.
+    write: Callable[[Callable[[], Any]], None]
+    store: Any
+
+
+class _TokenBucket:
+    """Allows `rate` messages per second on average with bursts of `burst`."""
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class StreamSession:
+    """One student streaming into one exam over one WebSocket."""
+
+    def __init__(self, ctx: StreamContext, exam: Exam, user: User, ws: web.WebSocketResponse) -> None:
+        self.ctx = ctx
+        self.exam = exam
+        self.user = user
+        self.ws = ws
+        self.key = ("stream", exam.id, user.id, uuid.uuid4().hex)
+        config = ctx.config
+        self.policy = Policy(frozenset(exam.allowed_heads), config.alert_k, config.alert_n)
+        self.tracker = EpisodeTracker(config.alert_k, config.alert_n)
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._last_seen = loop.time()
+        # Clients may send up to twice the asked rate (clock drift, a retried frame) before throttling.
+        self._bucket = _TokenBucket(rate=config.client_fps * 2, burst=max(3.0, config.client_fps * 4),
+                                    now=loop.time())
+        self._strikes: collections.deque[float] = collections.deque()
+        self._tasks: set[asyncio.Task] = set()
+        self._outbox = Outbox(ws, ctx.metrics)
+        self._whole_screen = True
+        self._sharing = True
+        self._stale = False
+        # Change detection reference: the last frame that went through the model.
+        self._last_bytes: bytes | None = None
+        self._last_thumb: np.ndarray | None = None
+        self._last_verdict: FrameVerdict | None = None
+        self._alert_id: str | None = None
+
+    # lifecycle ---------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        ctx = self.ctx
+        previous = ctx.hub.attach_stream(self.exam.id, self)
+        if previous is not None:
+            await previous.close(protocol.CLOSE_REPLACED_BY_NEW_CONNECTION, "replaced by a newer connection")
+        self._event("connect")
+        ctx.hub.set_presence(self.exam.id, self.user, "live")
+        self._outbox.send({"type": "config", "fps": ctx.config.client_fps,
+                           "max_width": ctx.config.client_max_width,
+                           "jpeg_quality": ctx.config.client_jpeg_quality, "heartbeat_s": HEARTBEAT_S})
+        try:
+            async for message in self.ws:
+                self._seen()
+                if message.type == WSMsgType.BINARY:
+                    self._on_frame(message.data)
+                elif message.type == WSMsgType.TEXT:
+                    self._on_text(message.data)
+                elif message.type == WSMsgType.ERROR:
+                    break
+                if self._too_many_strikes():
+                    await self.close(protocol.CLOSE_POLICY, "too many bad messages")
+                    break
+        finally:
+            await self._finish()
+
+    async def _finish(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.tracker.is_open and self._alert_id is not None:
+            self._close_alert()
+        await self._outbox.close()
+        self.ctx.hub.detach_stream(self.exam.id, self)
+        self._event("disconnect", {"close_code": self.ws.close_code})
+
+    async def close(self, code: int, reason: str) -> None:
+        if not self.ws.closed:
+            await self.ws.close(code=code, message=reason.encode())
+
+    def _seen(self) -> None:
+        self._last_seen = self._loop.time()
+        if self._stale:
+            self._stale = False
+            self.ctx.hub.set_presence(self.exam.id, self.user, "live" if self._sharing else "not_sharing")
+
+    def check_stale(self, now: float) -> None:
+        if not self._stale and now - self._last_seen > STALE_AFTER_S:
+            self._stale = True
+            self.ctx.hub.set_presence(self.exam.id, self.user, "stale")
+            self._event("heartbeat_lost", {"silent_s": round(now - self._last_seen, 1)})
+
+    # control messages ------------------------------------------------------------------------
+
+    def _on_text(self, text: str) -> None:
+        try:
+            message = protocol.parse_control(text)
+        except protocol.ProtocolError as exc:
+            self._strike(exc.code, exc.message)
+            return
+        kind = message["type"]
+        if kind == "heartbeat":
+            self._outbox.send({"type": "heartbeat", "t": message.get("t")})
+        elif kind == "hello":
+            surface = message.get("surface") or "monitor"
+            displays = int(message.get("displays", 1))
+            if message.get("extended"):
+                displays = max(displays, 2)
+            self._whole_screen = surface == "monitor"
+            if not self._whole_screen:
+                self._error(protocol.E_NOT_SHARING_SCREEN,
+                            f"share your whole screen, not a {surface}: frames are refused until you do")
+            self.ctx.hub.set_presence(self.exam.id, self.user, "live", displays=displays)
+            self._event("displays", {"displays": displays, "surface": surface,
+                                     "screen": message.get("screen", {})})
+        elif kind == "sharing":
+            self._sharing = message["state"] == "started"
+            self.ctx.hub.set_presence(self.exam.id, self.user, "live" if self._sharing else "not_sharing")
+            self._event("sharing_started" if self._sharing else "sharing_stopped")
+
+    # frames ----------------------------------------------------------------------------------
+
+    def _on_frame(self, data: bytes) -> None:
+        metrics = self.ctx.metrics
+        config = self.ctx.config
+        metrics.frames_received.inc()
+        received_at = self._loop.time()
+        try:
+            header, jpeg_view = protocol.unpack_frame(data)
+        except protocol.ProtocolError as exc:
+            self._strike(exc.code, exc.message)
+            return
+        seq = header.seq
+        if len(jpeg_view) > config.max_frame_bytes:
+            self._drop("oversize", protocol.E_FRAME_TOO_LARGE,
+                       f"frame of {len(jpeg_view)} bytes is over the limit of {config.max_frame_bytes}",
+                       seq, strike=True)
+            return
+        if not self._whole_screen:
+            self._error(protocol.E_NOT_SHARING_SCREEN, "share your whole screen, not a window or tab", seq)
+            return
+        if not self._bucket.take(received_at):
+            self._drop("rate_limited", protocol.E_RATE_LIMITED,
+                       f"sending faster than {config.client_fps} frames/s", seq)
+            return
+        jpeg = bytes(jpeg_view)
+        try:
+            decode.check_size(jpeg, config.max_frame_pixels)
+        except decode.TooManyPixels as exc:
+            self._drop("oversize", protocol.E_TOO_MANY_PIXELS, str(exc), seq, strike=True)
+            return
+        except decode.DecodeError as exc:
+            self._drop("bad_jpeg", protocol.E_BAD_JPEG, str(exc), seq, strike=True)
+            return
+        task = asyncio.create_task(self._classify(seq, header.capture_ms, jpeg, received_at))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _classify(self, seq: int, capture_ms: float, jpeg: bytes, received_at: float) -> None:
+        ctx = self.ctx
+        cached = False
+        try:
+            verdict, thumb = await self._unchanged_verdict(jpeg)
+            if verdict is not None:
+                cached = True
+                ctx.metrics.frames_unchanged.inc()
+            else:
+                future = ctx.batcher.submit(self.key, jpeg)
+                try:
+                    heads, values = await future
+                except asyncio.CancelledError:
+                    future.cancel()  # the session is going away: the batcher skips this frame
+                    raise
+                verdict = judge(dict(zip((h.name for h in heads), map(float, values))), heads, self.policy)
+                self._last_bytes, self._last_thumb, self._last_verdict = jpeg, thumb, verdict
+        except Replaced:
+            self._drop("replaced", protocol.E_REPLACED, "a newer frame replaced this one", seq)
+            return
+        except QueueFull:
+            self._drop("overloaded", protocol.E_OVERLOADED, "server is overloaded, frame skipped", seq)
+            return
+        except decode.DecodeError as exc:
+            self._drop("bad_jpeg", protocol.E_BAD_JPEG, str(exc), seq, strike=True)
+            return
+        except BatcherClosed:
+            return
+        except Exception:
+            logger.exception("classifying frame %d of student %s failed", seq, self.user.username)
+            self._error(protocol.E_INTERNAL, "the frame could not be classified", seq)
+            return
+        change = self.tracker.update(verdict)
+        if change == "opened":
+            await self._open_alert(verdict, jpeg)
+        elif change == "closed":
+            self._close_alert()
+        status = "alert" if self.tracker.is_open else ("ok" if verdict.ok else "suspicious")
+        self._outbox.send({"type": "verdict", "seq": seq, "capture_ms": capture_ms, "status": status,
+                           "program": verdict.program, "cached": cached})
+        ctx.metrics.frame_latency_seconds.observe(self._loop.time() - received_at)
+
+    async def _unchanged_verdict(self, jpeg: bytes) -> tuple[FrameVerdict | None, np.ndarray | None]:
+        """(the last verdict, None) when this screen is practically the one last classified, else (None, thumbnail)."""
+        if self._last_verdict is not None and jpeg == self._last_bytes:
+            return self._last_verdict, None
+        thumb = await self._loop.run_in_executor(self.ctx.decode_executor, decode.thumbnail, jpeg)
+        if (self._last_verdict is not None and self._last_thumb is not None
+                and decode.thumbnail_distance(thumb, self._last_thumb) < self.ctx.config.change_threshold):
+            return self._last_verdict, None
+        return None, thumb
+
+    # alerts ----------------------------------------------------------------------------------
+
+    async def _open_alert(self, verdict: FrameVerdict, jpeg: bytes) -> None:
+        ctx = self.ctx
+        kind = verdict.reason or "unrecognised"
+        ctx.metrics.alerts.labels(kind).inc()
+        alert = Alert(id=uuid.uuid4().hex, exam_id=self.exam.id, student_id=self.user.id, opened_at=utcnow(),
+                      verdict=kind, program=verdict.program, scores=dict(verdict.scores), evidence=jpeg)
+        self._alert_id = alert.id
+        store = ctx.store
+        node = ctx.hub.node_id
+
+        async def write_alert() -> None:
+            await store.add_alert(alert)
+            # Other nodes' teachers learn of it once it is in the database they read from.
+            await store.publish("alert", {"id": alert.id, "exam_id": alert.exam_id, "node": node})
+
+        ctx.write(write_alert)
+        try:
+            thumb = await self._loop.run_in_executor(ctx.decode_executor, decode.evidence_thumbnail, jpeg)
+        except decode.DecodeError:
+            thumb = b""
+        ctx.hub.alert_opened(self.exam.id, self.user, alert_message(alert, self.user, thumb))
+
+    def _close_alert(self) -> None:
+        alert_id, self._alert_id = self._alert_id, None
+        if alert_id is None:
+            return
+        closed_at = utcnow()
+        store = self.ctx.store
+        self.ctx.write(lambda: store.close_alert(alert_id, closed_at))
+        self.ctx.hub.alert_closed(self.exam.id, self.user.id, alert_id, closed_at.isoformat())
+
+    # errors ------------------------------------------------------------------------------------
+
+    def _drop(self, reason: str, code: str, message: str, seq: int, strike: bool = False) -> None:
+        self.ctx.metrics.frames_dropped.labels(reason).inc()
+        if strike:
+            self._strike(code, message, seq)
+        else:
+            self._error(code, message, seq)
+
+    def _error(self, code: str, message: str, seq: int | None = None) -> None:
+        self._outbox.send(protocol.error_message(code, message, seq))
+
+    def _strike(self, code: str, message: str, seq: int | None = None) -> None:
+        self._strikes.append(self._loop.time())
+        self._error(code, message, seq)
+
+    def _too_many_strikes(self) -> bool:
+        now = self._loop.time()
+        while self._strikes and now - self._strikes[0] > _STRIKE_WINDOW_S:
+            self._strikes.popleft()
+        return len(self._strikes) >= _STRIKE_LIMIT or self._outbox.overflowed
+
+    def _event(self, kind: str, detail: dict[str, Any] | None = None) -> None:
+        event = SessionEvent(exam_id=self.exam.id, student_id=self.user.id, kind=kind, at=utcnow(),
+                             detail=detail or {})
+        store = self.ctx.store
+        self.ctx.write(lambda: store.add_event(event))
+
+
+def alert_message(alert: Alert, user: User, thumbnail: bytes) -> dict[str, Any]:
+    """The live alert as teachers' dashboards receive it."""
+    top = sorted(alert.scores.items(), key=lambda item: item[1], reverse=True)[:5]
+    return {"id": alert.id, "student_id": user.id, "username": user.username, "full_name": user.full_name,
+            "opened_at": alert.opened_at.isoformat(), "verdict": alert.verdict, "program": alert.program,
+            "top_scores": [[name, round(score, 4)] for name, score in top],
+            "thumbnail": ("data:image/jpeg;base64," + base64.b64encode(thumbnail).decode()) if thumbnail else "",
+            "evidence_url": f"/api/alerts/{alert.id}/evidence"}
+

@@ -1,0 +1,175 @@
+"""SqliteStore: the embedded default (one file, WAL mode, foreign keys on), for a single node."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import sqlite3
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import aiosqlite
+
+from proctor.storage.base import Conflict, InvalidData, NotFound, StoreError, StoreUnavailable
+from proctor.storage.sql import Connection, Row, SqlStore, load_migrations
+
+logger = logging.getLogger(__name__)
+
+_TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # fixed width, so text order is time order
+
+
+class _Conn:
+    """The shared Connection interface over one aiosqlite connection."""
+
+    def __init__(self, db: aiosqlite.Connection) -> None:
+        self._db = db
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        async with self._db.execute(sql, args) as cursor:
+            return list(await cursor.fetchall())
+
+    async def fetchrow(self, sql: str, *args: Any) -> Row | None:
+        rows = await self.fetch(sql, *args)
+        return rows[0] if rows else None
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        async with self._db.execute(sql, args) as cursor:
+            return cursor.rowcount
+
+
+class SqliteStore(SqlStore):
+    dialect = "sqlite"
+
+    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        super().__init__()
+        self._db = db
+        self.path = path
+        # One connection for the whole process: the lock keeps one coroutine's transaction from
+        # swallowing another's statements.
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: str | Path) -> "SqliteStore":
+        path = Path(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            db = await aiosqlite.connect(str(path), isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreUnavailable(f"cannot open SQLite database {str(path)!r}: {exc}") from None
+        db.row_factory = aiosqlite.Row
+        try:
+            for pragma in ("journal_mode = WAL", "foreign_keys = ON", "busy_timeout = 5000",
+                           "synchronous = NORMAL",
+                           # Deleted rows (purged evidence) are overwritten with zeros, not left in free pages.
+                           "secure_delete = ON"):
+                await db.execute(f"PRAGMA {pragma}")
+        except sqlite3.DatabaseError as exc:
+            await db.close()
+            raise StoreUnavailable(f"{str(path)!r} is not a usable SQLite database: {exc}") from None
+        return cls(db, path)
+
+    async def close(self) -> None:
+        await self._cancel_dispatch()
+        await self._db.close()
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Connection]:
+        async with self._lock:
+            with _mapped_errors():
+                yield _Conn(self._db)
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Connection]:
+        async with self._lock:
+            with _mapped_errors():
+                await self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield _Conn(self._db)
+                except BaseException:
+                    await self._db.execute("ROLLBACK")
+                    raise
+                await self._db.execute("COMMIT")
+
+    def _ts(self, value: dt.datetime | None) -> Any:
+        return None if value is None else value.astimezone(dt.timezone.utc).strftime(_TS_FORMAT)
+
+    def _dt(self, raw: Any) -> dt.datetime | None:
+        if raw is None:
+            return None
+        return dt.datetime.strptime(raw, _TS_FORMAT).replace(tzinfo=dt.timezone.utc)
+
+    async def ping(self) -> None:
+        async with self._connection() as c:
+            await c.fetch("SELECT 1")
+
+    async def migrate(self) -> list[int]:
+        migrations = load_migrations("sqlite")
+        applied_now: list[int] = []
+        async with self._lock:
+            with _mapped_errors():
+                await self._db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY "
+                                       "KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)")
+                async with self._db.execute("SELECT version FROM schema_migrations") as cursor:
+                    done = {row[0] for row in await cursor.fetchall()}
+                _check_not_newer(done, migrations, self.path)
+                for m in migrations:
+                    if m.version in done:
+                        continue
+                    logger.info("applying SQLite migration %04d_%s to %s", m.version, m.name, self.path)
+                    # One script, one transaction: a failing migration leaves no half-made schema.
+                    stamp = self._ts(dt.datetime.now(dt.timezone.utc))
+                    script = (f"BEGIN IMMEDIATE;\n{m.sql}\n;INSERT INTO schema_migrations VALUES "
+                              f"({m.version}, '{m.name}', '{stamp}');\nCOMMIT;")
+                    try:
+                        await self._db.executescript(script)
+                    except sqlite3.Error as exc:
+                        if self._db.in_transaction:
+                            await self._db.execute("ROLLBACK")
+                        raise StoreError(f"SQLite migration {m.version:04d}_{m.name} failed: {exc}") from None
+                    applied_now.append(m.version)
+        return applied_now
+
+    async def _notify(self, channel: str, text: str) -> None:
+        # A single node: notifications stay in this process.
+        self._dispatch(channel, text)
+
+    async def _reclaim(self) -> None:
+        # secure_delete zeroed the pages; the checkpoint moves them from the WAL into the file and
+        # truncates the WAL, so no copy of the deleted rows is left behind.
+        async with self._connection() as c:
+            await c.fetch("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def _check_not_newer(done: set[int], migrations: list, where: Any) -> None:
+    known = {m.version for m in migrations}
+    newer = sorted(done - known)
+    if newer:
+        raise StoreError(f"database {where} has schema version(s) {newer} that this proctor does not know: "
+                         "it was made by a newer version")
+
+
+class _mapped_errors:
+    """Turn sqlite3 errors into the store's exceptions, with messages a user can act on."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None or isinstance(exc, StoreError) or not isinstance(exc, sqlite3.Error):
+            return False
+        message = str(exc)
+        if isinstance(exc, sqlite3.IntegrityError):
+            if "UNIQUE" in message or "PRIMARY KEY" in message:
+                raise Conflict(f"already exists ({message})") from None
+            if "FOREIGN KEY" in message:
+                raise NotFound("a referenced exam, user or head does not exist") from None
+            raise InvalidData(f"refused by the database: {message}") from None
+        if isinstance(exc, sqlite3.OperationalError) and (
+                "locked" in message or "unable to open" in message or "disk I/O" in message
+                or "readonly" in message or "full" in message):
+            raise StoreUnavailable(f"SQLite database unavailable: {message}") from None
+        if isinstance(exc, (sqlite3.InterfaceError, sqlite3.ProgrammingError)) and "closed" in message:
+            raise StoreUnavailable(f"SQLite database closed: {message}") from None
+        return False

@@ -1,0 +1,83 @@
+"""Test stand-ins for the model and for login, so server tests run fast and exactly."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import simplejpeg
+
+from proctor.models.interface import HeadInfo, Scores
+
+# Each fake head "recognises" screens dominated by one colour channel.
+FAKE_HEADS = (
+    HeadInfo("editor", "Code editor", 0.5),   # green screens
+    HeadInfo("chat", "Chat web app", 0.5),    # red screens
+    HeadInfo("terminal", "Terminal", 0.5),    # blue screens
+)
+
+
+class FakeClassifier:
+    """Scores each head by the share of its colour channel; counts backbone calls and batch sizes."""
+
+    def __init__(self, heads=FAKE_HEADS, frame_size=(320, 180), delay_s: float = 0.0):
+        self._heads = tuple(heads)
+        self._frame_size = frame_size
+        self.delay_s = delay_s
+        self.backbone_calls = 0
+        self.batch_sizes: list[int] = []
+        self._lock = threading.Lock()
+
+    @property
+    def frame_size(self):
+        return self._frame_size
+
+    @property
+    def heads(self):
+        return self._heads
+
+    def set_heads(self, records) -> None:
+        """Records from the store are ignored: the fake keeps its colour heads."""
+
+    def classify(self, frames):
+        import time
+
+        with self._lock:
+            self.backbone_calls += 1
+            self.batch_sizes.append(len(frames))
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        values = np.zeros((len(frames), len(self._heads)), np.float32)
+        for i, frame in enumerate(frames):
+            assert frame.shape == (self._frame_size[1], self._frame_size[0], 3)
+            means = frame.reshape(-1, 3).mean(axis=0)
+            share = means / max(means.sum(), 1.0)
+            # editor=green(1), chat=red(0), terminal=blue(2)
+            for j, channel in enumerate((1, 0, 2)[: len(self._heads)]):
+                values[i, j] = share[channel] * 1.5 if share[channel] > 0.5 else share[channel] * 0.5
+        return Scores(self._heads, np.clip(values, 0, 1))
+
+
+def screen(colour: str, width: int = 1280, height: int = 720, seed: int = 0) -> bytes:
+    """A JPEG 'screen' dominated by one colour, with some texture so it compresses like a real one."""
+    rng = np.random.default_rng(seed)
+    channel = {"red": 0, "green": 1, "blue": 2}[colour]
+    pixels = rng.integers(0, 40, (height, width, 3), dtype=np.uint8)
+    pixels[:, :, channel] = rng.integers(180, 255, (height, width), dtype=np.uint8)
+    return simplejpeg.encode_jpeg(pixels, quality=70, colorspace="RGB")
+
+
+class HeaderAuthenticator:
+    """Login stand-in: the user id comes from an X-Test-User header; Origin must be the server's own."""
+
+    def __init__(self, store):
+        self.store = store
+
+    async def current_user(self, request):
+        user_id = request.headers.get("X-Test-User")
+        if user_id is None:
+            return None
+        return await self.store.get_user(int(user_id))
+
+    def origin_allowed(self, request):
+        return request.headers.get("Origin") == f"{request.scheme}://{request.host}"

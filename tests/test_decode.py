@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+import simplejpeg
+
+from proctor.batching import decode
+
+
+def jpeg(width=1280, height=720, seed=0, quality=80):
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (height // 40 + 1, width // 40 + 1, 3), dtype=np.uint8)
+    pixels = np.ascontiguousarray(np.kron(base, np.ones((40, 40, 1), dtype=np.uint8))[:height, :width])
+    return simplejpeg.encode_jpeg(pixels, quality=quality, colorspace="RGB")
+
+
+def test_read_size_from_header():
+    assert decode.read_size(jpeg(640, 360)) == (640, 360)
+
+
+def test_decode_scales_straight_to_model_size():
+    pixels = decode.decode_rgb(jpeg(1280, 720), (320, 180))
+    assert pixels.shape == (180, 320, 3) and pixels.dtype == np.uint8
+
+
+def test_decode_resizes_odd_sizes_exactly():
+    assert decode.decode_rgb(jpeg(1366, 768), (320, 180)).shape == (180, 320, 3)
+    assert decode.decode_rgb(jpeg(200, 100), (320, 180)).shape == (180, 320, 3)
+
+
+@pytest.mark.parametrize("data", [b"", b"hello world", b"\x89PNG\r\n\x1a\n" + b"0" * 100])
+def test_non_jpeg_is_refused_clearly(data):
+    with pytest.raises(decode.DecodeError, match="not a JPEG"):
+        decode.read_size(data)
+
+
+def test_truncated_jpeg_fails_with_decode_error():
+    data = jpeg()
+    with pytest.raises(decode.DecodeError):
+        decode.decode_rgb(data[: len(data) // 3], (320, 180))
+
+
+def test_corrupt_header_fails_with_decode_error():
+    data = bytearray(jpeg())
+    data[2:40] = b"\x00" * 38
+    with pytest.raises(decode.DecodeError):
+        decode.read_size(bytes(data))
+
+
+def test_decompression_bomb_refused_from_header_alone():
+    # A 20000x20000 JPEG of one colour is small on the wire but 1.2 GB decoded.
+    bomb = simplejpeg.encode_jpeg(np.zeros((8, 8, 3), np.uint8), colorspace="RGB")
+    # Patch the SOF0 frame size to 20000x20000 without touching the (tiny) scan.
+    data = bytearray(bomb)
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = (20000).to_bytes(2, "big") + (20000).to_bytes(2, "big")
+    with pytest.raises(decode.TooManyPixels, match="20000x20000"):
+        decode.check_size(bytes(data), max_pixels=3840 * 2160)
+
+
+def test_thumbnail_sees_real_changes_and_ignores_recompression():
+    a = decode.thumbnail(jpeg(seed=1, quality=80))
+    same_screen = decode.thumbnail(jpeg(seed=1, quality=60))
+    other_screen = decode.thumbnail(jpeg(seed=2))
+    assert a.shape == (18, 32)
+    assert decode.thumbnail_distance(a, same_screen) < 2.0
+    assert decode.thumbnail_distance(a, other_screen) > 20.0
+
+
+def test_evidence_thumbnail_is_a_small_jpeg():
+    small = decode.evidence_thumbnail(jpeg(1920, 1080))
+    assert decode.read_size(small) == (320, 180)

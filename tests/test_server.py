@@ -1,0 +1,430 @@
+"""The core path over real sockets: students stream frames, verdicts come back, teachers get alerts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import numpy as np
+import pytest
+import simplejpeg
+from aiohttp import WSMsgType
+
+from fakes import FakeClassifier, HeaderAuthenticator, screen
+from proctor import protocol
+from proctor.config import Config
+from proctor.server import BATCHER_KEY, create_app
+from proctor.storage import open_store
+
+
+@pytest.fixture
+async def store(tmp_path):
+    s = await open_store(f"sqlite:///{tmp_path}/test.db")
+    await s.migrate()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+async def hall(store):
+    """A teacher, three students and a running exam that allows only the code editor; student C is not enrolled."""
+    teacher = await store.create_user("teacher", "Ana Teacher", "teacher", "x")
+    other_teacher = await store.create_user("teacher2", "Bea Teacher", "teacher", "x")
+    a = await store.create_user("alice", "Alice A", "student", "x")
+    b = await store.create_user("bob", "Bob B", "student", "x")
+    c = await store.create_user("carol", "Carol C", "student", "x")
+    exam = await store.create_exam("Algebra", teacher.id, ["editor"], "JOIN01")
+    for s in (a, b):
+        await store.add_to_roster(exam.id, s.id)
+    exam = await store.set_exam_state(exam.id, "running")
+    return dict(teacher=teacher, other_teacher=other_teacher, a=a, b=b, c=c, exam=exam)
+
+
+def make_config(tmp_path, **changes):
+    options = dict(database_url=f"sqlite:///{tmp_path}/test.db", data_dir=str(tmp_path), max_wait_ms=5.0,
+                   client_fps=30.0, max_frame_bytes=400_000)
+    options.update(changes)
+    return Config(**options)
+
+
+@pytest.fixture
+def classifier():
+    return FakeClassifier()
+
+
+@pytest.fixture
+async def server(aiohttp_client, tmp_path, store, classifier):
+    async def start(**config_changes):
+        app = create_app(make_config(tmp_path, **config_changes), store=store, classifier=classifier,
+                         authenticator=HeaderAuthenticator(store))
+        return await aiohttp_client(app)
+    return start
+
+
+def ws_headers(client, user):
+    return {"X-Test-User": str(user.id), "Origin": f"http://{client.server.host}:{client.server.port}"}
+
+
+async def connect_student(client, user, exam, hello=True):
+    ws = await client.ws_connect(f"/ws/exams/{exam.id}/stream", headers=ws_headers(client, user))
+    config = await ws.receive_json(timeout=5)
+    assert config["type"] == "config"
+    if hello:
+        await ws.send_json({"type": "hello", "screen": {"width": 1280, "height": 720}, "displays": 1,
+                            "surface": "monitor"})
+    return ws
+
+
+async def next_of(ws, kind, timeout=5.0):
+    """Skip other messages until one of `kind` arrives."""
+    while True:
+        message = await ws.receive_json(timeout=timeout)
+        if message["type"] == kind:
+            return message
+
+
+async def send_frame(ws, seq, jpeg):
+    await ws.send_bytes(protocol.pack_frame(seq, 1000.0 + seq, jpeg))
+
+
+async def answer_for(ws, seq, timeout=5.0):
+    while True:
+        message = await ws.receive_json(timeout=timeout)
+        if message.get("seq") == seq and message["type"] in ("verdict", "error"):
+            return message
+
+
+async def test_two_students_one_exam_teacher_gets_exactly_the_alerts(server, hall, classifier):
+    client = await server()
+    teacher = await client.ws_connect(f"/ws/exams/{hall['exam'].id}/live",
+                                      headers=ws_headers(client, hall["teacher"]))
+    snapshot = await teacher.receive_json(timeout=5)
+    assert snapshot["type"] == "snapshot"
+    assert {s["username"] for s in snapshot["students"]} == {"alice", "bob"}
+
+    alice = await connect_student(client, hall["a"], hall["exam"])
+    bob = await connect_student(client, hall["b"], hall["exam"])
+    # Alice works in the allowed editor (green); Bob opens the chat (red) for three frames.
+    for seq in range(3):
+        await send_frame(alice, seq, screen("green", seed=seq))
+        await send_frame(bob, seq, screen("red", seed=seq))
+        va = await answer_for(alice, seq)
+        vb = await answer_for(bob, seq)
+        assert va["type"] == "verdict" and va["status"] == "ok" and va["program"] == "Code editor"
+        assert vb["type"] == "verdict" and vb["program"] == "Chat web app"
+        assert "scores" not in vb  # students never see the model's scores
+        assert vb["status"] == ("suspicious" if seq == 0 else "alert")
+
+    alert = await next_of(teacher, "alert")
+    assert alert["alert"]["username"] == "bob"
+    assert alert["alert"]["verdict"] == "forbidden_program"
+    assert alert["alert"]["program"] == "Chat web app"
+    assert alert["alert"]["thumbnail"].startswith("data:image/jpeg;base64,")
+    assert alert["alert"]["top_scores"][0][0] == "chat"
+
+    # Bob goes back to the editor: the episode closes; a single alert for the whole incident.
+    await send_frame(bob, 3, screen("green", seed=9))
+    assert (await answer_for(bob, 3))["status"] == "ok"
+    closed = await next_of(teacher, "alert_closed")
+    assert closed["alert_id"] == alert["alert"]["id"]
+    # Nothing else alert-like is pending for the teacher.
+    extra = []
+    try:
+        while True:
+            extra.append(await teacher.receive_json(timeout=0.3))
+    except asyncio.TimeoutError:
+        pass
+    assert not [m for m in extra if m["type"] == "alert"]
+    for ws in (alice, bob, teacher):
+        await ws.close()
+
+
+async def test_alert_is_stored_with_evidence_and_scores(server, hall, store):
+    client = await server()
+    bob = await connect_student(client, hall["b"], hall["exam"])
+    frames = [screen("blue", seed=s) for s in range(2)]
+    for seq, jpeg in enumerate(frames):
+        await send_frame(bob, seq, jpeg)
+        await answer_for(bob, seq)
+    for _ in range(100):
+        alerts = await store.list_alerts(hall["exam"].id)
+        if alerts:
+            break
+        await asyncio.sleep(0.05)
+    assert len(alerts) == 1
+    assert alerts[0].evidence == frames[1]  # the frame's original bytes, as sent
+    assert alerts[0].program == "Terminal" and alerts[0].verdict == "forbidden_program"
+    assert set(alerts[0].scores) == {"editor", "chat", "terminal"}
+    await bob.close()
+
+
+async def test_unrecognised_screen_alerts_without_a_program(server, hall):
+    client = await server()
+    teacher = await client.ws_connect(f"/ws/exams/{hall['exam'].id}/live",
+                                      headers=ws_headers(client, hall["teacher"]))
+    await teacher.receive_json(timeout=5)
+    grey = simplejpeg.encode_jpeg(np.full((720, 1280, 3), 128, np.uint8), colorspace="RGB")
+    grey2 = simplejpeg.encode_jpeg(np.full((720, 1280, 3), 90, np.uint8), colorspace="RGB")
+    alice = await connect_student(client, hall["a"], hall["exam"])
+    for seq, jpeg in enumerate((grey, grey2)):
+        await send_frame(alice, seq, jpeg)
+        await answer_for(alice, seq)
+    alert = await next_of(teacher, "alert")
+    assert alert["alert"]["verdict"] == "unrecognised" and alert["alert"]["program"] is None
+    await alice.close()
+    await teacher.close()
+
+
+async def test_frames_of_many_students_share_one_backbone_call(server, hall, store, classifier):
+    classifier.delay_s = 0.2  # a busy model: frames pile up and must be batched together
+    client = await server(max_wait_ms=50.0)
+    students = [hall["a"], hall["b"]]
+    for i in range(6):
+        s = await store.create_user(f"s{i}", f"S {i}", "student", "x")
+        await store.add_to_roster(hall["exam"].id, s.id)
+        students.append(s)
+    sockets = [await connect_student(client, s, hall["exam"]) for s in students]
+    await asyncio.gather(*(send_frame(ws, 0, screen("green", seed=i)) for i, ws in enumerate(sockets)))
+    answers = await asyncio.gather(*(answer_for(ws, 0) for ws in sockets))
+    assert all(a["type"] == "verdict" and a["status"] == "ok" for a in answers)
+    assert classifier.backbone_calls < len(sockets)
+    assert max(classifier.batch_sizes) >= 2
+    for ws in sockets:
+        await ws.close()
+
+
+async def test_unchanged_screen_reuses_the_verdict_without_the_model(server, hall, classifier):
+    client = await server()
+    alice = await connect_student(client, hall["a"], hall["exam"])
+    pixels = np.random.default_rng(1).integers(0, 40, (720, 1280, 3), dtype=np.uint8)
+    pixels[:, :, 1] = 200
+    first = simplejpeg.encode_jpeg(pixels, quality=80, colorspace="RGB")
+    recompressed = simplejpeg.encode_jpeg(pixels, quality=60, colorspace="RGB")
+    await send_frame(alice, 0, first)
+    assert (await answer_for(alice, 0))["cached"] is False
+    calls = classifier.backbone_calls
+    await send_frame(alice, 1, first)  # identical bytes
+    await send_frame(alice, 2, recompressed)  # same screen, other bytes
+    v1, v2 = await answer_for(alice, 1), await answer_for(alice, 2)
+    assert v1["cached"] and v2["cached"] and v2["status"] == "ok"
+    assert classifier.backbone_calls == calls
+    await send_frame(alice, 3, screen("red"))  # the screen really changed
+    assert (await answer_for(alice, 3))["cached"] is False
+    assert classifier.backbone_calls == calls + 1
+    await alice.close()
+
+
+async def test_latest_frame_wins_over_the_socket(server, hall, classifier):
+    classifier.delay_s = 0.3
+    client = await server()
+    alice = await connect_student(client, hall["a"], hall["exam"])
+    await send_frame(alice, 0, screen("green", seed=0))  # taken by the (slow) model
+    await asyncio.sleep(0.1)
+    await send_frame(alice, 1, screen("red", seed=1))  # queued ...
+    await send_frame(alice, 2, screen("blue", seed=2))  # ... and replaced by this one
+    answers = {}
+    for _ in range(3):
+        m = await next_of_types(alice, ("verdict", "error"))
+        answers[m["seq"]] = m
+    assert answers[0]["type"] == "verdict"
+    assert answers[1] == {"type": "error", "code": "replaced", "seq": 1, "message": answers[1]["message"]}
+    assert answers[2]["type"] == "verdict" and answers[2]["program"] == "Terminal"
+    await alice.close()
+
+
+async def next_of_types(ws, kinds):
+    while True:
+        m = await ws.receive_json(timeout=5)
+        if m["type"] in kinds:
+            return m
+
+
+async def test_full_queue_answers_overloaded(server, hall, store, classifier):
+    classifier.delay_s = 0.5
+    client = await server(queue_size=1, max_batch=1, max_wait_ms=0.0)
+    students = []
+    for i in range(4):
+        s = await store.create_user(f"q{i}", f"Q {i}", "student", "x")
+        await store.add_to_roster(hall["exam"].id, s.id)
+        students.append(await connect_student(client, s, hall["exam"]))
+    for i, ws in enumerate(students):
+        await send_frame(ws, 0, screen("green", seed=i))
+        await asyncio.sleep(0.05)
+    answers = [await answer_for(ws, 0) for ws in students]
+    codes = [a.get("code") for a in answers if a["type"] == "error"]
+    assert "overloaded" in codes
+    assert any(a["type"] == "verdict" for a in answers)
+    for ws in students:
+        await ws.close()
+
+
+async def test_bad_input_gets_clear_errors_and_the_session_goes_on(server, hall):
+    client = await server()
+    alice = await connect_student(client, hall["a"], hall["exam"])
+    good = screen("green")
+    await send_frame(alice, 1, b"\xff\xd8 this is not really a jpeg")
+    assert (await answer_for(alice, 1))["code"] == "bad_jpeg"
+    await send_frame(alice, 2, good[: len(good) // 2])  # truncated: header fine, data cut
+    assert (await answer_for(alice, 2))["code"] == "bad_jpeg"
+    await send_frame(alice, 3, b"GIF89a" + b"\x00" * 100)
+    assert (await answer_for(alice, 3))["code"] == "bad_jpeg"
+    await alice.send_bytes(b"\x01\x02")
+    assert (await next_of(alice, "error"))["code"] == "bad_header"
+    await alice.send_str("{not json")
+    assert (await next_of(alice, "error"))["code"] == "bad_json"
+    await alice.send_str(json.dumps({"type": "launch_missiles"}))
+    assert (await next_of(alice, "error"))["code"] == "bad_message"
+    await alice.send_str(json.dumps([1, 2, 3]))
+    assert (await next_of(alice, "error"))["code"] == "bad_message"
+    await send_frame(alice, 4, good)
+    assert (await answer_for(alice, 4))["type"] == "verdict"
+    await alice.close()
+
+
+async def test_oversize_frame_refused_and_huge_message_closes(server, hall):
+    client = await server(max_frame_bytes=50_000)
+    alice = await connect_student(client, hall["a"], hall["exam"])
+    await send_frame(alice, 1, b"\xff\xd8" + b"\x00" * 60_000)
+    answer = await answer_for(alice, 1)
+    assert answer["code"] == "frame_too_large" and "50000" in answer["message"]
+    await send_frame(alice, 2, screen("green", 320, 180))
+    assert (await answer_for(alice, 2))["type"] == "verdict"
+    # A 50 MB message is not read into memory: the server closes with 1009 (message too big).
+    await alice.send_bytes(b"\x00" * (50 * 1024 * 1024))
+    while True:
+        message = await alice.receive(timeout=10)
+        if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING):
+            break
+    assert alice.close_code == protocol.CLOSE_TOO_BIG
+
+
+async def test_decompression_bomb_refused_before_decoding(server, hall):
+    client = await server()
+    alice = await connect_student(client, hall["a"], hall["exam"])
+    data = bytearray(simplejpeg.encode_jpeg(np.zeros((16, 16, 3), np.uint8), colorspace="RGB"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = (30000).to_bytes(2, "big") + (30000).to_bytes(2, "big")
+    await send_frame(alice, 7, bytes(data))
+    answer = await answer_for(alice, 7)
+    assert answer["code"] == "too_many_pixels" and "30000x30000" in answer["message"]
+    await alice.close()
+
+
+async def test_flood_of_bad_messages_closes_with_policy_violation(server, hall):
+    client = await server()
+    alice = await connect_student(client, hall["a"], hall["exam"])
+    for _ in range(25):
+        await alice.send_str("garbage")
+    while True:
+        message = await alice.receive(timeout=5)
+        if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING):
+            break
+    assert alice.close_code == protocol.CLOSE_POLICY
+
+
+async def test_client_faster_than_its_rate_is_throttled(server, hall):
+    client = await server(client_fps=1.0)
+    alice = await connect_student(client, hall["a"], hall["exam"])
+    for seq in range(8):
+        await send_frame(alice, seq, screen("green", seed=seq))
+    answers = [await answer_for(alice, seq) for seq in range(8)]
+    limited = [a for a in answers if a.get("code") == "rate_limited"]
+    assert 3 <= len(limited) <= 5  # a burst of 4 is allowed, the rest is throttled
+    await alice.close()
+
+
+async def test_window_share_refused(server, hall):
+    client = await server()
+    alice = await connect_student(client, hall["a"], hall["exam"], hello=False)
+    await alice.send_json({"type": "hello", "displays": 1, "surface": "window"})
+    assert (await next_of(alice, "error"))["code"] == "not_whole_screen"
+    await send_frame(alice, 1, screen("green"))
+    assert (await answer_for(alice, 1))["code"] == "not_whole_screen"
+    await alice.close()
+
+
+async def test_teacher_sees_presence_and_displays(server, hall):
+    client = await server()
+    teacher = await client.ws_connect(f"/ws/exams/{hall['exam'].id}/live",
+                                      headers=ws_headers(client, hall["teacher"]))
+    await teacher.receive_json(timeout=5)
+    alice = await connect_student(client, hall["a"], hall["exam"], hello=False)
+    assert (await next_of(teacher, "presence"))["state"] == "live"
+    await alice.send_json({"type": "hello", "displays": 2, "extended": True, "surface": "monitor"})
+    p = await next_of(teacher, "presence")
+    assert p["displays"] == 2 and p["username"] == "alice"
+    await alice.send_json({"type": "sharing", "state": "stopped"})
+    assert (await next_of(teacher, "presence"))["state"] == "not_sharing"
+    await alice.close()
+    assert (await next_of(teacher, "presence"))["state"] == "disconnected"
+    await teacher.close()
+
+
+@pytest.mark.parametrize("who,origin,status", [
+    (None, "self", 401),          # not logged in
+    ("a", "http://evil.example", 403),  # forged Origin
+    ("a", None, 403),             # no Origin at all
+    ("c", "self", 403),           # not on the roster
+    ("teacher", "self", 403),     # teachers do not stream
+])
+async def test_stream_handshake_refusals(server, hall, who, origin, status):
+    client = await server()
+    headers = {}
+    if who is not None:
+        headers["X-Test-User"] = str(hall[who].id)
+    if origin is not None:
+        headers["Origin"] = f"http://{client.server.host}:{client.server.port}" if origin == "self" else origin
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await client.ws_connect(f"/ws/exams/{hall['exam'].id}/stream", headers=headers)
+    assert info.value.status == status
+
+
+async def test_stream_refused_when_exam_not_running(server, hall, store):
+    await store.set_exam_state(hall["exam"].id, "ended")
+    client = await server()
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await client.ws_connect(f"/ws/exams/{hall['exam'].id}/stream", headers=ws_headers(client, hall["a"]))
+    assert info.value.status == 409
+
+
+async def test_other_teacher_cannot_watch_the_exam(server, hall):
+    client = await server()
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await client.ws_connect(f"/ws/exams/{hall['exam'].id}/live",
+                                headers=ws_headers(client, hall["other_teacher"]))
+    assert info.value.status == 403
+
+
+async def test_reconnect_replaces_the_old_stream(server, hall):
+    client = await server()
+    first = await connect_student(client, hall["a"], hall["exam"])
+    second = await connect_student(client, hall["a"], hall["exam"])
+    while True:
+        message = await first.receive(timeout=5)
+        if message.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING):
+            break
+    assert first.close_code == protocol.CLOSE_REPLACED_BY_NEW_CONNECTION
+    await send_frame(second, 1, screen("green"))
+    assert (await answer_for(second, 1))["type"] == "verdict"
+    await second.close()
+
+
+async def test_metrics_health_and_readiness(server, hall):
+    client = await server(metrics_token="s3cret")
+    assert (await client.get("/healthz")).status == 200
+    ready = await client.get("/readyz")
+    assert ready.status == 200 and (await ready.json())["status"] == "ready"
+    assert (await client.get("/metrics")).status == 401
+    assert (await client.get("/metrics", headers={"Authorization": "Bearer wrong"})).status == 401
+    alice = await connect_student(client, hall["a"], hall["exam"])
+    await send_frame(alice, 0, screen("green"))
+    await answer_for(alice, 0)
+    await send_frame(alice, 1, b"junk")
+    await answer_for(alice, 1)
+    text = await (await client.get("/metrics", headers={"Authorization": "Bearer s3cret"})).text()
+    assert "proctor_frames_received_total 2.0" in text
+    assert "proctor_frames_classified_total 1.0" in text
+    assert 'proctor_frames_dropped_total{reason="bad_jpeg"} 1.0' in text
+    assert "proctor_active_streams 1.0" in text
+    await alice.close()
