@@ -434,5 +434,12 @@ def train_head(name: str, positives: Sequence[ImageSource] | str | os.PathLike,
     return TrainResult(head, metrics)
 
 
+def register(subparsers) -> None:
+    """Add the `train-head` sub-command (proctor.models.commands calls this); it lives in train_command."""
+    from proctor.models import train_command
+
+    train_command.register(subparsers)
+
+
 __all__ = ["FeatureCache", "read_images", "TrainOptions", "TrainResult", "TrainingError", "augment", "evaluate", "features",
            "list_images", "pick_threshold", "split", "train_head"]
