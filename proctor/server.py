@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import hmac
 import importlib
 import logging
 import ssl
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Protocol, Sequence
 
@@ -31,6 +31,7 @@ from proctor.metrics import Metrics
 from proctor.models.interface import Classifier
 from proctor.sessions import Hub, Outbox, StreamContext, StreamSession, alert_message
 from proctor.storage.base import NotFound, StoreError, User
+from proctor.storage.writer import WriteBehind, WriteQueueClosed, WriteQueueFull
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +114,6 @@ def _store_ctx(given: Any):
 
 
 async def _writer_ctx(app: web.Application) -> AsyncIterator[None]:
-    from proctor.storage.writer import WriteBehind
-
     writer = WriteBehind(app[STORE_KEY], app[METRICS_KEY], maxsize=app[CONFIG_KEY].store_queue_size)
     writer.start()
     app[WRITER_KEY] = writer
@@ -148,7 +147,8 @@ async def reload_heads(app: web.Application) -> None:
         return
     records = await app[STORE_KEY].list_heads(active_only=True)
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, set_heads, records)
+    # strict=False: a head made for another backbone is left out (and logged), the others still load.
+    await loop.run_in_executor(None, functools.partial(set_heads, records, strict=False))
     app[METRICS_KEY].heads_loaded.set(len(classifier.heads))
     logger.info("heads loaded: %s", ", ".join(h.name for h in classifier.heads) or "none")
 
@@ -174,13 +174,23 @@ async def _pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
                              decode_chunks=config.decode_threads, metrics=metrics)
     batcher.start()
     store = app[STORE_KEY]
-    hub = Hub(metrics, node_id=uuid.uuid4().hex[:12],
-              publish=lambda channel, payload: app[WRITER_KEY].submit(lambda: store.publish(channel, payload)))
+    writer = app[WRITER_KEY]
+
+    def write(op, what: str = "write") -> None:
+        # A full or closing queue is logged and counted by the writer; the frame path goes on.
+        try:
+            writer.submit(op, what)
+        except (WriteQueueFull, WriteQueueClosed):
+            pass
+
+    # The store stamps every notification with its node id; the hub skips its own by that id.
+    hub = Hub(metrics, node_id=store.node_id,
+              publish=lambda channel, payload: write(lambda: store.publish(channel, payload), channel))
     app[BATCHER_KEY] = batcher
     app[HUB_KEY] = hub
     app[STREAM_CTX_KEY] = StreamContext(config=config, metrics=metrics, batcher=batcher,
-                                        decode_executor=decode_pool, hub=hub,
-                                        write=app[WRITER_KEY].submit, store=store)
+                                        decode_executor=decode_pool, hub=hub, classifier=classifier,
+                                        write=write, store=store)
     stale_task = asyncio.create_task(_watch_stale(hub), name="stale-watch")
     try:
         yield
@@ -227,7 +237,10 @@ async def _notifications_ctx(app: web.Application) -> AsyncIterator[None]:
             logger.exception("handling %s notification %r failed", channel, payload)
 
     await store.subscribe(on_notification)
-    yield
+    try:
+        yield
+    finally:
+        await store.unsubscribe(on_notification)
 
 
 async def _relay_alert(app: web.Application, payload: dict[str, Any]) -> None:
@@ -285,9 +298,6 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
     except Exception:
         logger.exception("stream of %s in exam %d failed", user.username, exam.id)
         await ws.close(code=protocol.CLOSE_INTERNAL, message=b"internal error")
-    if ws.close_code == protocol.CLOSE_TOO_BIG:
-        request.app[METRICS_KEY].websocket_errors.labels("message_too_big").inc()
-        request.app[METRICS_KEY].frames_dropped.labels("oversize").inc()
     return ws
 
 

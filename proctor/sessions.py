@@ -25,6 +25,7 @@ from proctor.batching import decode
 from proctor.batching.batcher import BatcherClosed, DynamicBatcher, QueueFull, Replaced
 from proctor.config import Config
 from proctor.metrics import Metrics
+from proctor.models.interface import Classifier, HeadInfo
 from proctor.storage.base import Alert, Exam, SessionEvent, User, utcnow
 from proctor.whitelist import EpisodeTracker, FrameVerdict, Policy, judge
 
@@ -175,7 +176,7 @@ class Hub:
         if from_node is None and self._publish is not None:
             self._publish("presence", {"exam_id": exam_id, "student_id": user.id, "username": user.username,
                                        "full_name": user.full_name, "state": state,
-                                       "displays": presence.displays, "node": self.node_id})
+                                       "displays": presence.displays})
 
     def alert_opened(self, exam_id: int, user: User, alert_message: dict[str, Any]) -> None:
         """Fan a live alert out to this node's teachers (other nodes hear of it from the store)."""
@@ -232,8 +233,9 @@ class StreamContext:
     batcher: DynamicBatcher
     decode_executor: Executor
     hub: Hub
+    classifier: Classifier
     # write(factory) queues a store write through the write-behind queue; never blocks.
-    write: Callable[[Callable[[], Any]], None]
+    write: Callable[..., None]
     store: Any
 
 
@@ -283,7 +285,12 @@ class StreamSession:
         self._last_bytes: bytes | None = None
         self._last_thumb: np.ndarray | None = None
         self._last_verdict: FrameVerdict | None = None
+        self._last_heads: tuple[HeadInfo, ...] = ()
         self._alert_id: str | None = None
+        # Frames are numbered on arrival; thumbnails finish out of order on the decode threads, and
+        # an older frame must never replace a newer one in the batcher.
+        self._arrivals = 0
+        self._newest_submitted = -1
 
     # lifecycle ---------------------------------------------------------------------------------
 
@@ -305,6 +312,12 @@ class StreamSession:
                 elif message.type == WSMsgType.TEXT:
                     self._on_text(message.data)
                 elif message.type == WSMsgType.ERROR:
+                    # aiohttp stopped reading a message over max_msg_size and closed with 1009.
+                    if getattr(message.data, "code", None) == protocol.CLOSE_TOO_BIG:
+                        logger.warning("closed the stream of %s: a message over twice the %d-byte frame limit",
+                                       self.user.username, self.ctx.config.max_frame_bytes)
+                        self.ctx.metrics.websocket_errors.labels("message_too_big").inc()
+                        self.ctx.metrics.frames_dropped.labels("oversize").inc()
                     break
                 if self._too_many_strikes():
                     await self.close(protocol.CLOSE_POLICY, "too many bad messages")
@@ -401,11 +414,13 @@ class StreamSession:
         except decode.DecodeError as exc:
             self._drop("bad_jpeg", protocol.E_BAD_JPEG, str(exc), seq, strike=True)
             return
-        task = asyncio.create_task(self._classify(seq, header.capture_ms, jpeg, received_at))
+        self._arrivals += 1
+        task = asyncio.create_task(self._classify(seq, header.capture_ms, jpeg, received_at, self._arrivals))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _classify(self, seq: int, capture_ms: float, jpeg: bytes, received_at: float) -> None:
+    async def _classify(self, seq: int, capture_ms: float, jpeg: bytes, received_at: float,
+                        arrival: int) -> None:
         ctx = self.ctx
         cached = False
         try:
@@ -414,6 +429,9 @@ class StreamSession:
                 cached = True
                 ctx.metrics.frames_unchanged.inc()
             else:
+                if arrival < self._newest_submitted:
+                    raise Replaced("a newer frame is already queued")
+                self._newest_submitted = arrival
                 future = ctx.batcher.submit(self.key, jpeg)
                 try:
                     heads, values = await future
@@ -422,6 +440,7 @@ class StreamSession:
                     raise
                 verdict = judge(dict(zip((h.name for h in heads), map(float, values))), heads, self.policy)
                 self._last_bytes, self._last_thumb, self._last_verdict = jpeg, thumb, verdict
+                self._last_heads = heads
         except Replaced:
             self._drop("replaced", protocol.E_REPLACED, "a newer frame replaced this one", seq)
             return
@@ -449,6 +468,8 @@ class StreamSession:
 
     async def _unchanged_verdict(self, jpeg: bytes) -> tuple[FrameVerdict | None, np.ndarray | None]:
         """(the last verdict, None) when this screen is practically the one last classified, else (None, thumbnail)."""
+        if self._last_heads != self.ctx.classifier.heads:
+            self._last_verdict = None  # heads were added or removed since: that verdict is out of date
         if self._last_verdict is not None and jpeg == self._last_bytes:
             return self._last_verdict, None
         thumb = await self._loop.run_in_executor(self.ctx.decode_executor, decode.thumbnail, jpeg)
@@ -467,14 +488,13 @@ class StreamSession:
                       verdict=kind, program=verdict.program, scores=dict(verdict.scores), evidence=jpeg)
         self._alert_id = alert.id
         store = ctx.store
-        node = ctx.hub.node_id
 
         async def write_alert() -> None:
             await store.add_alert(alert)
             # Other nodes' teachers learn of it once it is in the database they read from.
-            await store.publish("alert", {"id": alert.id, "exam_id": alert.exam_id, "node": node})
+            await store.publish("alert", {"id": alert.id, "exam_id": alert.exam_id})
 
-        ctx.write(write_alert)
+        ctx.write(write_alert, f"alert {alert.id}")
         try:
             thumb = await self._loop.run_in_executor(ctx.decode_executor, decode.evidence_thumbnail, jpeg)
         except decode.DecodeError:
@@ -487,8 +507,15 @@ class StreamSession:
             return
         closed_at = utcnow()
         store = self.ctx.store
-        self.ctx.write(lambda: store.close_alert(alert_id, closed_at))
-        self.ctx.hub.alert_closed(self.exam.id, self.user.id, alert_id, closed_at.isoformat())
+        exam_id, student_id = self.exam.id, self.user.id
+
+        async def write_close() -> None:
+            await store.close_alert(alert_id, closed_at)
+            await store.publish("alert_closed", {"alert_id": alert_id, "exam_id": exam_id,
+                                                 "student_id": student_id, "closed_at": closed_at.isoformat()})
+
+        self.ctx.write(write_close, f"close of alert {alert_id}")
+        self.ctx.hub.alert_closed(exam_id, student_id, alert_id, closed_at.isoformat())
 
     # errors ------------------------------------------------------------------------------------
 
@@ -516,7 +543,7 @@ class StreamSession:
         event = SessionEvent(exam_id=self.exam.id, student_id=self.user.id, kind=kind, at=utcnow(),
                              detail=detail or {})
         store = self.ctx.store
-        self.ctx.write(lambda: store.add_event(event))
+        self.ctx.write(lambda: store.add_event(event), f"{kind} event")
 
 
 def alert_message(alert: Alert, user: User, thumbnail: bytes) -> dict[str, Any]:

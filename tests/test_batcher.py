@@ -226,3 +226,20 @@ async def test_every_future_resolved_exactly_once_under_churn(pools):
     assert metrics.frames_classified._value.get() == len(classified)
     assert batcher.depth == 0
     await batcher.close()
+
+
+async def test_decoded_frame_waiting_for_the_model_yields_to_a_newer_one(pools):
+    rec = Recorder()
+    rec.gate.clear()
+    batcher = make(rec, pools, max_batch=4, max_wait_s=0.0)
+    busy = batcher.submit("other", 0)
+    await asyncio.sleep(0.05)  # 'other' is in the model
+    stale = batcher.submit("s", 1)
+    await asyncio.sleep(0.05)  # decoded and staged, waiting for the model
+    fresh = batcher.submit("s", 2)  # cannot replace it in the queue: it already left
+    rec.gate.set()
+    with pytest.raises(Replaced):
+        await stale
+    assert await asyncio.gather(busy, fresh) == [0, 20]
+    assert [1] not in rec.batches
+    await batcher.close()

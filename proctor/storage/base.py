@@ -143,11 +143,14 @@ class PurgeReport:
 
 
 # Cross-node notifications: small payloads (ids), the data is read from the tables.
-# channel is one of "alert", "presence", "heads".
+# channel is one of "alert", "alert_closed", "presence", "heads", "exam"; the store adds
+# "node" (its node_id) to every payload so a node can skip its own notifications.
 Listener = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
 class Store(Protocol):
+    node_id: str
+
     async def close(self) -> None: ...
 
     async def migrate(self) -> list[int]:
@@ -212,3 +215,4 @@ class Store(Protocol):
     # cross-node notifications
     async def publish(self, channel: str, payload: dict[str, Any]) -> None: ...
     async def subscribe(self, listener: Listener) -> None: ...
+    async def unsubscribe(self, listener: Listener) -> None: ...
