@@ -64,6 +64,22 @@ def test_onnx_and_torch_runtimes_agree(onnx_engine, torch_engine, backbone):
     assert a.values.std() > 0.01  # the comparison means something: scores vary
 
 
+def test_every_head_kind_scores_as_it_does_alone(onnx_engine, backbone):
+    rng = np.random.default_rng(7)
+    mlp = make_head("mlp", "M", "mlp", {"hidden.weight": rng.standard_normal((16, 1280)) * 0.05,
+                                         "hidden.bias": np.zeros(16), "out.weight": rng.standard_normal((1, 16)),
+                                         "out.bias": [0.0]}, backbone.spec)
+    softmax = make_head("soft", "S", "keras_softmax", {"weight": rng.standard_normal((2, 1280)) * 0.05,
+                                                       "bias": [0.1, -0.1]}, backbone.spec)
+    heads = [mlp, *_heads(backbone.spec, 2), softmax]
+    onnx_engine.set_heads(heads)
+    frames = _frames(3, seed=9)
+    scores = onnx_engine.classify(frames)
+    features = onnx_engine.features(frames)
+    for i, head in enumerate(heads):
+        np.testing.assert_allclose(scores.values[:, i], head.scores(features), atol=1e-5)
+
+
 def test_backbone_runs_once_per_batch_whatever_the_number_of_heads(onnx_engine, backbone):
     calls = {}
     for count in (1, 20):

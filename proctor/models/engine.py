@@ -278,8 +278,12 @@ class Engine:
 
     def _make_runner(self, backbone: Backbone, preprocessing: Preprocessing, pooling: str) -> Runner:
         if self.runtime == "onnx":
-            return _OnnxRunner(backbone, preprocessing, pooling, self.cache_dir, self.threads)
-        return _TorchRunner(backbone, pooling, self.device, self.precision)
+            runner: Runner = _OnnxRunner(backbone, preprocessing, pooling, self.cache_dir, self.threads)
+        else:
+            runner = _TorchRunner(backbone, pooling, self.device, self.precision)
+        # One pass now, so the first students' frames do not pay for lazy allocation and kernel set-up.
+        runner(torch.zeros((1, 3, preprocessing.height, preprocessing.width), device=self.device))
+        return runner
 
     # --- features for training ---------------------------------------------------------------------------------
 
