@@ -189,3 +189,15 @@ def test_import_keras_errors_are_named(env, capsys):
     assert "model.h5: not an HDF5" in capsys.readouterr().err
     assert cli.main(["import-keras", str(text), "--threshold", "2"]) == 2
     assert "--threshold 2.0: must be between 0 and 1" in capsys.readouterr().err
+
+
+def test_heads_commands_against_the_real_sqlite_store(env, backbone, capsys, monkeypatch):
+    monkeypatch.setenv("PROCTOR_DATABASE_URL", f"sqlite:///{env}/proctor.db")
+    word = _head_file(env, backbone.spec, "word", 2.0)
+    assert cli.main(["heads", "add", str(word), "--inactive"]) == 0
+    assert cli.main(["heads", "list", "--json"]) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(h["name"], h["active"], h["backbone_hash"]) for h in listed] == [("word", False, backbone.weights_hash)]
+    assert cli.main(["heads", "deactivate", "word"]) == 0
+    assert cli.main(["heads", "add", str(word)]) == 2
+    assert "already exists" in capsys.readouterr().err
