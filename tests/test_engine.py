@@ -220,3 +220,17 @@ def test_random_engine_for_other_tests():
     engine = Engine.random(seed=3, width=48, height=32)
     engine.set_heads(_heads(engine.backbone, 2))
     assert engine.classify(_frames(2, size=(48, 32))).values.shape == (2, 2)
+
+
+def test_unwritable_cache_costs_the_cache_not_the_service(backbone, tmp_path):
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache directory should be")
+    engine = Engine(bb.BackboneLibrary([backbone]), device="cpu", runtime="onnx", cache_dir=blocker / "sub")
+    engine.set_heads(_heads(backbone.spec, 1))
+    assert engine.classify(_frames(1)).values.shape == (1, 1)
+
+
+def test_bad_frames_are_refused_even_without_heads(backbone):
+    engine = Engine(bb.BackboneLibrary([backbone]), device="cpu", runtime="torch")
+    with pytest.raises(ValueError, match="frame 0: expected an HxWx3 uint8 RGB array"):
+        engine.classify([np.zeros((4, 4), np.uint8)])
