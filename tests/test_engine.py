@@ -234,3 +234,16 @@ def test_bad_frames_are_refused_even_without_heads(backbone):
     engine = Engine(bb.BackboneLibrary([backbone]), device="cpu", runtime="torch")
     with pytest.raises(ValueError, match="frame 0: expected an HxWx3 uint8 RGB array"):
         engine.classify([np.zeros((4, 4), np.uint8)])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_cuda_runtime_matches_the_cpu(onnx_engine, backbone, precision):
+    heads = _heads(backbone.spec, 5)
+    cuda = Engine(bb.BackboneLibrary([backbone]), device="cuda", precision=precision)
+    assert cuda.runtime == "torch"
+    cuda.set_heads(heads)
+    onnx_engine.set_heads(heads)
+    frames = _frames(6) + [np.zeros((72, 128, 3), np.uint8)]
+    np.testing.assert_allclose(cuda.classify(frames).values, onnx_engine.classify(frames).values,
+                               atol=2e-2 if precision == "fp16" else 1e-4)
