@@ -22,6 +22,7 @@ import pytest
 from aiohttp import web
 
 from fakes import FAKE_HEADS, FakeClassifier
+from proctor.appkeys import HUB_KEY
 from proctor.config import Config
 from proctor.passwords import hash_password
 from proctor.server import create_app
@@ -101,7 +102,7 @@ async def server(tmp_path):
     port = _free_port()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
-    yield {"url": f"http://127.0.0.1:{port}", "store": store}
+    yield {"url": f"http://127.0.0.1:{port}", "store": store, "app": app}
     await runner.cleanup()
     await store.close()
 
@@ -172,9 +173,12 @@ async def test_teacher_student_alert_review_export(display, server, tmp_path):
             await student.click("text=Algebra midterm")
             await student.wait_for_url(f"**/student/exams/{exam_id}")
             assert await student.is_disabled("#share")  # nothing before consent
+            # A second display, as Chromium's Window Management API reports one (Xvfb has a single screen).
+            await student.evaluate("() => Object.defineProperty(screen, 'isExtended', {value: true})")
             await student.check("#consent-check")
             await student.click("#share")
             await student.wait_for_selector("#status[data-state=sharing]", timeout=20_000)
+            assert "more than one display" in await student.inner_text("#warning")
 
             # Frames go through stream.js for real: JPEG at the size the server asked for.
             await _until(student, "() => window.proctorStreamer.stats.framesSent >= 2")
@@ -185,6 +189,7 @@ async def test_teacher_student_alert_review_export(display, server, tmp_path):
             # Teacher: the student shows up live, then an alert (the screen shows no allowed program).
             row = f"#students tr[data-student-id]"
             await teacher.wait_for_selector(f"{row}[data-state=live]", timeout=20_000)
+            await teacher.wait_for_selector(f"{row} .state.displays:has-text('2 displays')")
             await teacher.wait_for_selector("#alerts li[data-alert-id] img[src^='data:image/jpeg']", timeout=30_000)
             await _shot(teacher, "teacher-dashboard.png", tmp_path)
             await _shot(student, "student-page.png", tmp_path)
@@ -192,6 +197,16 @@ async def test_teacher_student_alert_review_export(display, server, tmp_path):
             student_text = (await student.inner_text("main")).lower()
             assert "score" not in student_text
             assert await student.inner_text("#status") == "Sharing your screen"
+
+            # The connection drops (server side): the page reconnects by itself and streams again.
+            hub = server["app"][HUB_KEY]
+            for session in hub.streams(exam_id):
+                await session.close(1012, "service restart")
+            await _until(student, "() => window.proctorStreamer.stats.reconnects >= 1")
+            await student.wait_for_selector("#status[data-state=sharing]", timeout=20_000)
+            sent = await student.evaluate("() => window.proctorStreamer.stats.framesSent")
+            await _until(student, f"() => window.proctorStreamer.stats.framesSent > {sent}")
+            await teacher.wait_for_selector(f"{row}[data-state=live]", timeout=20_000)
 
             # Open the alert: full frame, verdict and top scores; mark it reviewed with a note.
             await teacher.click("#alerts li[data-alert-id]")
@@ -216,7 +231,9 @@ async def test_teacher_student_alert_review_export(display, server, tmp_path):
 
             # Stopping the share: the student is warned, the teacher sees "not sharing".
             await student.click("#stop")
-            await student.wait_for_selector("#warning:not([hidden])")
+            await student.wait_for_selector("#status[data-state=stopped]")
+            assert "Screen sharing stopped" in await student.inner_text("#warning") or \
+                "You stopped sharing" in await student.inner_text("#warning")
             await teacher.wait_for_selector(f"{row}[data-state=not_sharing], {row}[data-state=disconnected]",
                                             timeout=15_000)
 

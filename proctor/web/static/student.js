@@ -25,6 +25,8 @@ function showStatus(state, detail) {
   statusEl.dataset.state = state;
   detailEl.textContent = detail || "";
   const active = ["connecting", "sharing", "paused", "reconnecting"].includes(state);
+  // The notice was read and agreed to: fold it away so the status fits a laptop screen.
+  document.getElementById("consent").classList.toggle("agreed", active);
   shareButton.hidden = active || state === "ended";
   stopButton.hidden = !active;
   if (state === "stopped" || state === "error") warn(detail);
