@@ -292,3 +292,28 @@ async def test_window_share_is_refused_with_an_explanation(display, server, tmp_
             assert await page.evaluate("window.proctorStreamer.ws") is None
         finally:
             await browser.close()
+
+
+async def test_student_who_shares_before_the_start_is_streaming_once_it_starts(display, server, tmp_path):
+    from playwright.async_api import async_playwright
+
+    base, store = server["url"], server["store"]
+    teacher = await store.get_user_by_name("teacher1")
+    student = await store.get_user_by_name("student1")
+    exam = await store.create_exam("Early bird", teacher.id, ["editor"], "EARLY234")
+    await store.add_to_roster(exam.id, student.id)
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, headless=False, args=CHROMIUM_ARGS,
+                                          env={**os.environ, "DISPLAY": display}, timeout=60_000)
+        try:
+            page = await (await browser.new_context()).new_page()
+            await _login(page, base, "student1")
+            await page.goto(f"{base}/student/exams/{exam.id}")
+            await page.check("#consent-check")
+            await page.click("#share")
+            await page.wait_for_selector("#status-detail:has-text('has not started yet')", timeout=15_000)
+            await store.set_exam_state(exam.id, "running")
+            await page.wait_for_selector("#status[data-state=sharing]", timeout=20_000)
+            await _until(page, "() => window.proctorStreamer.stats.framesSent >= 1")
+        finally:
+            await browser.close()

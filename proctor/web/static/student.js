@@ -31,6 +31,23 @@ function showStatus(state, detail) {
   stopButton.hidden = !active;
   if (state === "stopped" || state === "error") warn(detail);
   else if (state === "sharing") warn(multiDisplayWarning());
+  if (state === "reconnecting") explainRefusal();
+}
+
+// A refused connection looks like a dropped one to the page: ask the API whether the exam is running.
+async function explainRefusal() {
+  try {
+    const response = await fetch(`/api/exams/${encodeURIComponent(examId)}`, { credentials: "same-origin" });
+    if (response.status === 401) { detailEl.textContent = "Your login has expired: log in again in another tab; sharing resumes by itself."; return; }
+    const { exam } = await response.json();
+    if (exam && exam.state === "draft") detailEl.textContent = "The exam has not started yet; sending begins by itself when your teacher starts it.";
+    else if (exam && exam.state === "ended") {
+      streamer.stop();
+      showStatus("ended", "The exam has ended. You can close this page.");
+    }
+  } catch (err) {
+    // Offline: the status line already says we are reconnecting.
+  }
 }
 
 function multiDisplayWarning() {
