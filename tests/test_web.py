@@ -9,6 +9,7 @@ import json
 import time
 import uuid
 
+import aiohttp
 import numpy as np
 import pytest
 import simplejpeg
@@ -568,3 +569,42 @@ async def test_page_form_creates_exam(client, world):
     assert {u.username for u in await world.store.list_roster(chem.id)} == {"stud-a", "stud-b"}
     resp = await client.post("/teacher/exams", data=[("csrf_token", token), ("name", "Bad"), ("roster", "ghost")])
     assert resp.status == 400 and "ghost" in await resp.text()
+
+
+async def test_admin_forms_add_user_import_and_upload_head(client, world):
+    await login(client, "admin1")
+    token = _csrf_from(await (await client.get("/admin")).text())
+    resp = await client.post("/admin/users", data={"csrf_token": token, "username": "formuser",
+                                                   "full_name": "Form User", "role": "student", "password": ""})
+    html = await resp.text()
+    assert resp.status == 200 and "Created formuser. Their password is:" in html
+    form = aiohttp.FormData()
+    form.add_field("csrf_token", token)
+    form.add_field("file", b"username,full_name\ncsv1,From CSV\n", filename="roster.csv", content_type="text/csv")
+    resp = await client.post("/admin/users/import", data=form)
+    assert resp.status == 200 and "Imported 1 user(s)" in await resp.text()
+    form = aiohttp.FormData()
+    form.add_field("csrf_token", token)
+    form.add_field("file", head_file("excel", "Excel", "Spreadsheet"), filename="excel.safetensors")
+    resp = await client.post("/admin/heads", data=form)
+    assert resp.status == 200 and "Head excel (Excel) added" in await resp.text()
+    form = aiohttp.FormData()  # the same upload without the token is refused
+    form.add_field("file", head_file("word", "Word"), filename="word.safetensors")
+    resp = await client.post("/admin/heads", data=form)
+    assert resp.status == 403
+    resp = await client.post("/admin/heads/excel/deactivate", data={"csrf_token": token})
+    assert "Head excel is now inactive" in await resp.text()
+
+
+async def test_review_form_and_logout_form(client, world):
+    await login(client, "teach-a")
+    page = await client.get(f"/teacher/exams/{world.exam_a.id}/review")
+    token = _csrf_from(await page.text())
+    resp = await client.post(f"/teacher/alerts/{world.alert.id}/review",
+                             data={"csrf_token": token, "state": "false_positive", "note": "glare"},
+                             allow_redirects=False)
+    assert resp.status == 302 and resp.headers["Location"].endswith(f"/review#alert-{world.alert.id}")
+    assert (await world.store.get_alert(world.alert.id)).review_state == "false_positive"
+    resp = await client.post("/logout", data={"csrf_token": token}, allow_redirects=False)
+    assert resp.status == 302 and resp.headers["Location"] == "/login"
+    assert (await client.get("/api/me")).status == 401
