@@ -16,7 +16,7 @@ import simplejpeg
 from aiohttp import web
 
 import proctor.web
-from proctor.appkeys import CONFIG_KEY, METRICS_KEY, STORE_KEY
+from proctor.appkeys import CLASSIFIER_KEY, CONFIG_KEY, METRICS_KEY, STORE_KEY
 from proctor.config import Config
 from proctor.metrics import Metrics
 from proctor.passwords import hash_password
@@ -91,16 +91,22 @@ async def world(tmp_path):
     await store.close()
 
 
-@pytest.fixture
-async def client(aiohttp_client, world, tmp_path):
-    config = Config(data_dir=str(tmp_path), database_url=f"sqlite:///{tmp_path}/p.db")
+def make_app(world: World, tmp_path, config: Config | None = None, classifier=None) -> web.Application:
+    """The web part alone, as create_app wires it, with the WebSocket probe route."""
     app = web.Application()
-    app[CONFIG_KEY] = config
+    app[CONFIG_KEY] = config or Config(data_dir=str(tmp_path), database_url=f"sqlite:///{tmp_path}/p.db")
     app[METRICS_KEY] = Metrics()
     app[STORE_KEY] = world.store
+    if classifier is not None:
+        app[CLASSIFIER_KEY] = classifier
     proctor.web.setup(app)
     app.router.add_get("/ws/probe", ws_probe)
-    return await aiohttp_client(app)
+    return app
+
+
+@pytest.fixture
+async def client(aiohttp_client, world, tmp_path):
+    return await aiohttp_client(make_app(world, tmp_path))
 
 
 async def login(client, username: str, password: str = PASSWORD) -> str:
@@ -291,13 +297,8 @@ async def test_websocket_without_session_is_401(client):
 
 
 async def test_allowed_origins_from_config(aiohttp_client, world, tmp_path):
-    app = web.Application()
-    app[CONFIG_KEY] = Config(data_dir=str(tmp_path), allowed_origins=("https://proctor.school.example",))
-    app[METRICS_KEY] = Metrics()
-    app[STORE_KEY] = world.store
-    proctor.web.setup(app)
-    app.router.add_get("/ws/probe", ws_probe)
-    c = await aiohttp_client(app)
+    config = Config(data_dir=str(tmp_path), allowed_origins=("https://proctor.school.example",))
+    c = await aiohttp_client(make_app(world, tmp_path, config=config))
     await login(c, "teach-a")
     ws = await c.ws_connect("/ws/probe", headers={"Origin": "https://proctor.school.example"})
     await ws.close()
@@ -608,3 +609,17 @@ async def test_review_form_and_logout_form(client, world):
     resp = await client.post("/logout", data={"csrf_token": token}, allow_redirects=False)
     assert resp.status == 302 and resp.headers["Location"] == "/login"
     assert (await client.get("/api/me")).status == 401
+
+
+async def test_head_the_running_engine_cannot_load_is_refused_at_upload(aiohttp_client, world, tmp_path):
+    class Checker:
+        def check_head(self, head):
+            return f"head {head.name!r} was made for another backbone"
+
+    client = await aiohttp_client(make_app(world, tmp_path, classifier=Checker()))
+    token = await login(client, "admin1")
+    resp = await client.post("/api/heads?filename=odd.safetensors", data=head_file("odd", "Odd"),
+                             headers={"X-CSRF-Token": token, "Content-Type": "application/octet-stream"})
+    assert resp.status == 400
+    assert (await resp.json())["error"] == "odd.safetensors: head 'odd' was made for another backbone"
+    assert "odd" not in {h.name for h in await world.store.list_heads()}
