@@ -8,6 +8,7 @@ import io
 import json
 import time
 import uuid
+from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -623,3 +624,24 @@ async def test_head_the_running_engine_cannot_load_is_refused_at_upload(aiohttp_
     assert resp.status == 400
     assert (await resp.json())["error"] == "odd.safetensors: head 'odd' was made for another backbone"
     assert "odd" not in {h.name for h in await world.store.list_heads()}
+
+
+def test_openapi_file_lists_every_api_route_and_nothing_else(tmp_path):
+    yaml = pytest.importorskip("yaml")
+    spec = yaml.safe_load((Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml").read_text())
+    documented = {(method.upper(), path) for path, ops in spec["paths"].items() for method in ops}
+    app = web.Application()
+    app[CONFIG_KEY] = Config(data_dir=str(tmp_path))
+    proctor.web.setup(app)
+    served = set()
+    for route in app.router.routes():
+        path = route.resource.canonical if route.resource else ""
+        if not path.startswith("/api/") or route.method == "HEAD":
+            continue
+        if "{action}" in path:  # one handler for start|end, activate|deactivate
+            pattern = route.resource.get_info()["pattern"].pattern
+            for action in pattern.split("(?P<action>")[1].split(")")[0].split("|"):
+                served.add((route.method, path.replace("{action}", action)))
+        else:
+            served.add((route.method, path))
+    assert documented == served
