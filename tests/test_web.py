@@ -9,16 +9,18 @@ import json
 import time
 import uuid
 from pathlib import Path
+from unittest import mock
 
 import aiohttp
 import numpy as np
 import pytest
 import simplejpeg
 from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 
 import proctor.web
 from proctor.appkeys import CLASSIFIER_KEY, CONFIG_KEY, METRICS_KEY, STORE_KEY
-from proctor.config import Config
+from proctor.config import Config, ConfigError
 from proctor.metrics import Metrics
 from proctor.passwords import hash_password
 from proctor.storage.base import Alert, SessionEvent
@@ -136,13 +138,26 @@ async def test_login_sets_httponly_lax_cookie_and_me_works(client):
     assert (await me.json())["user"]["role"] == "teacher"
 
 
-async def test_cookie_is_secure_under_tls(client):
+async def test_cookie_is_secure_behind_a_local_tls_proxy(client):
+    # The test client connects from 127.0.0.1, as a reverse proxy on the same machine does.
     resp = await client.post("/api/login", json={"username": "teach-a", "password": PASSWORD},
                              headers={"X-Forwarded-Proto": "https"})
-    # Secure follows request.secure or config.tls; a proxy header alone must not be trusted.
-    assert "Secure" not in resp.headers["Set-Cookie"]
-    codec = client.app[auth.WEB_STATE_KEY].codec
-    assert codec.decode(resp.cookies[auth.COOKIE_NAME].value).user_id is not None
+    assert "Secure" in resp.headers["Set-Cookie"]
+    assert "Strict-Transport-Security" in resp.headers
+
+
+def _request_from(peer: str, headers: dict[str, str]) -> web.Request:
+    transport = mock.Mock()
+    transport.get_extra_info.side_effect = lambda name, default=None: (peer, 4321) if name == "peername" else default
+    return make_mocked_request("GET", "/", headers=headers, transport=transport)
+
+
+def test_forwarded_headers_count_only_from_a_local_proxy():
+    headers = {"X-Forwarded-For": "203.0.113.9, 10.1.2.3", "X-Forwarded-Proto": "https", "Host": "p.example"}
+    local = _request_from("127.0.0.1", headers)
+    assert auth.client_address(local) == "10.1.2.3" and auth.request_scheme(local) == "https"
+    remote = _request_from("198.51.100.7", headers)
+    assert auth.client_address(remote) == "198.51.100.7" and auth.request_scheme(remote) == "http"
 
 
 async def test_wrong_password_and_unknown_user_get_the_same_401(client):
@@ -220,7 +235,9 @@ def test_secret_key_is_created_once_and_reused(tmp_path):
     assert len(key) >= 32
     assert auth.load_secret_key(None, str(tmp_path)) == key
     assert (tmp_path / "secret_key").stat().st_mode & 0o077 == 0
-    assert auth.load_secret_key("configured-key", str(tmp_path)) == b"configured-key"
+    assert auth.load_secret_key("configured-key-16+", str(tmp_path)) == b"configured-key-16+"
+    with pytest.raises(ConfigError, match="secret_key"):
+        auth.load_secret_key("short", str(tmp_path))
 
 
 async def test_logout_clears_cookie(client):

@@ -24,6 +24,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from proctor.appkeys import CONFIG_KEY, STORE_KEY
+from proctor.config import ConfigError
 from proctor.storage.base import NotFound, User
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ def forbidden(message: str) -> web.HTTPException:
 def load_secret_key(secret_key: str | None, data_dir: str) -> bytes:
     """The configured key, or a random one created once under data_dir/secret_key (mode 0600)."""
     if secret_key:
+        if len(secret_key) < 16:
+            raise ConfigError("invalid secret_key: at least 16 characters are needed to sign session cookies")
         return secret_key.encode()
     path = os.path.join(data_dir, "secret_key")
     try:
@@ -67,19 +70,27 @@ def load_secret_key(secret_key: str | None, data_dir: str) -> bytes:
         if len(key) >= 32:
             return key
         logger.warning("secret key file %s is shorter than 32 bytes; making a new one", path)
+        os.unlink(path)
     except FileNotFoundError:
         pass
     os.makedirs(data_dir, exist_ok=True)
     key = secrets.token_hex(32).encode()
-    # O_EXCL: when two workers start together, the second one reads the first one's key.
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(key)
-        os.replace(path + ".tmp", path)
+        # link() refuses an existing file: of two workers starting together, the second reads the first's key.
+        os.link(tmp, path)
+        logger.info("created a new session secret key in %s", path)
+    except FileExistsError:
+        with open(path, "rb") as f:
+            key = f.read().strip()
     except OSError as exc:
         raise RuntimeError(f"cannot write the session secret key file {path}: {exc}") from exc
-    logger.info("created a new session secret key in %s", path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return key
 
 
@@ -207,8 +218,27 @@ def _state(request: web.Request) -> WebState:
     return request.app[WEB_STATE_KEY]
 
 
+_LOOPBACK = ("127.0.0.1", "::1")
+
+
+def _behind_local_proxy(request: web.Request) -> bool:
+    """True when the peer is a reverse proxy on this machine: only then are X-Forwarded-* headers believed
+    (anyone else could send them to dodge the login limit or fake https)."""
+    return request.remote in _LOOPBACK
+
+
 def client_address(request: web.Request) -> str:
+    """The client's address, from the last X-Forwarded-For hop when a local reverse proxy relays it."""
+    forwarded = request.headers.get("X-Forwarded-For") if _behind_local_proxy(request) else None
+    if forwarded:
+        return forwarded.rsplit(",", 1)[-1].strip() or "unknown"
     return request.remote or "unknown"
+
+
+def request_scheme(request: web.Request) -> str:
+    """http or https as the browser sees it (X-Forwarded-Proto of a local TLS-terminating proxy counts)."""
+    proto = request.headers.get("X-Forwarded-Proto", "").lower() if _behind_local_proxy(request) else ""
+    return proto if proto in ("http", "https") else request.scheme
 
 
 def session_of(request: web.Request) -> Session | None:
@@ -290,14 +320,14 @@ def _set_cookie(request: web.Request, response: web.StreamResponse, session: Ses
 
 
 def is_secure(request: web.Request) -> bool:
-    return request.secure or request.app[CONFIG_KEY].tls
+    return request_scheme(request) == "https" or request.app[CONFIG_KEY].tls
 
 
 # ------------------------------------------------------------------------------------------------ origin
 
 
 def own_origin(request: web.Request) -> str:
-    return f"{request.scheme}://{request.host}"
+    return f"{request_scheme(request)}://{request.host}"
 
 
 def origin_allowed(request: web.Request) -> bool:
@@ -317,7 +347,7 @@ def origin_allowed(request: web.Request) -> bool:
 
 
 def _content_security_policy(request: web.Request) -> str:
-    ws = ("wss://" if request.scheme == "https" else "ws://") + request.host
+    ws = ("wss://" if request_scheme(request) == "https" else "ws://") + request.host
     return ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
             f"connect-src 'self' {ws}; media-src 'self' blob:; object-src 'none'; base-uri 'none'; "
             "form-action 'self'; frame-ancestors 'none'")
