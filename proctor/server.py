@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import hmac
 import importlib
 import logging
@@ -53,7 +54,7 @@ def create_app(config: Config, *, store: Any = None, classifier: Classifier | No
                authenticator: Authenticator | None = None,
                registry: CollectorRegistry | None = None) -> web.Application:
     """Build the application. Tests pass a store, a fake classifier or authenticator; the server builds its own."""
-    app = web.Application(client_max_size=4 * 1024 * 1024)
+    app = web.Application(client_max_size=4 * 1024 * 1024, middlewares=[forwarded_middleware])
     app[CONFIG_KEY] = config
     app[METRICS_KEY] = Metrics(registry)
     app[EXTRA_KEY] = {}
@@ -90,6 +91,24 @@ def _default_authenticator() -> Authenticator:
     if auth is None:
         raise RuntimeError("proctor.web.auth is missing: pass an authenticator to create_app")
     return auth  # the module's functions implement the protocol
+
+
+@web.middleware
+async def forwarded_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Behind a trusted reverse proxy, see the request as the browser made it (scheme, client address)."""
+    proxies = request.app[CONFIG_KEY].trusted_proxies
+    if proxies and request.remote in proxies:
+        changes: dict[str, Any] = {}
+        proto = request.headers.get("X-Forwarded-Proto", "").strip().lower()
+        if proto in ("http", "https"):
+            changes["scheme"] = proto
+        # The proxy appends the address it saw last; earlier entries are whatever the client claimed.
+        forwarded_for = request.headers.get("X-Forwarded-For", "").split(",")[-1].strip()
+        if forwarded_for:
+            changes["remote"] = forwarded_for
+        if changes:
+            request = request.clone(**changes)
+    return await handler(request)
 
 
 # -- resources (cleanup_ctx) -------------------------------------------------------------------
@@ -146,7 +165,8 @@ async def reload_heads(app: web.Application) -> None:
         return
     records = await app[STORE_KEY].list_heads(active_only=True)
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, set_heads, records)
+    # strict=False: a head made for another backbone is left out (and logged), the others still load.
+    await loop.run_in_executor(None, functools.partial(set_heads, records, strict=False))
     app[METRICS_KEY].heads_loaded.set(len(classifier.heads))
     logger.info("heads loaded: %s", ", ".join(h.name for h in classifier.heads) or "none")
 
@@ -187,7 +207,7 @@ async def _pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     app[BATCHER_KEY] = batcher
     app[HUB_KEY] = hub
     app[STREAM_CTX_KEY] = StreamContext(config=config, metrics=metrics, batcher=batcher,
-                                        decode_executor=decode_pool, hub=hub,
+                                        decode_executor=decode_pool, hub=hub, classifier=classifier,
                                         write=write, store=store)
     stale_task = asyncio.create_task(_watch_stale(hub), name="stale-watch")
     try:

@@ -25,6 +25,7 @@ from proctor.batching import decode
 from proctor.batching.batcher import BatcherClosed, DynamicBatcher, QueueFull, Replaced
 from proctor.config import Config
 from proctor.metrics import Metrics
+from proctor.models.interface import Classifier, HeadInfo
 from proctor.storage.base import Alert, Exam, SessionEvent, User, utcnow
 from proctor.whitelist import EpisodeTracker, FrameVerdict, Policy, judge
 
@@ -232,6 +233,7 @@ class StreamContext:
     batcher: DynamicBatcher
     decode_executor: Executor
     hub: Hub
+    classifier: Classifier
     # write(factory) queues a store write through the write-behind queue; never blocks.
     write: Callable[..., None]
     store: Any
@@ -283,6 +285,7 @@ class StreamSession:
         self._last_bytes: bytes | None = None
         self._last_thumb: np.ndarray | None = None
         self._last_verdict: FrameVerdict | None = None
+        self._last_heads: tuple[HeadInfo, ...] = ()
         self._alert_id: str | None = None
         # Frames are numbered on arrival; thumbnails finish out of order on the decode threads, and
         # an older frame must never replace a newer one in the batcher.
@@ -437,6 +440,7 @@ class StreamSession:
                     raise
                 verdict = judge(dict(zip((h.name for h in heads), map(float, values))), heads, self.policy)
                 self._last_bytes, self._last_thumb, self._last_verdict = jpeg, thumb, verdict
+                self._last_heads = heads
         except Replaced:
             self._drop("replaced", protocol.E_REPLACED, "a newer frame replaced this one", seq)
             return
@@ -464,6 +468,8 @@ class StreamSession:
 
     async def _unchanged_verdict(self, jpeg: bytes) -> tuple[FrameVerdict | None, np.ndarray | None]:
         """(the last verdict, None) when this screen is practically the one last classified, else (None, thumbnail)."""
+        if self._last_heads != self.ctx.classifier.heads:
+            self._last_verdict = None  # heads were added or removed since: that verdict is out of date
         if self._last_verdict is not None and jpeg == self._last_bytes:
             return self._last_verdict, None
         thumb = await self._loop.run_in_executor(self.ctx.decode_executor, decode.thumbnail, jpeg)

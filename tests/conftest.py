@@ -15,7 +15,11 @@ import pytest
 
 
 def _postgres_bindir() -> Path | None:
-    """Debian puts initdb/pg_ctl under /usr/lib/postgresql/<version>/bin, not on PATH; newest first."""
+    """Debian puts initdb/pg_ctl under /usr/lib/postgresql/<version>/bin, not on PATH; newest first.
+    PROCTOR_POSTGRES_BINDIR names another folder (and only that one is tried)."""
+    if os.environ.get("PROCTOR_POSTGRES_BINDIR"):
+        path = Path(os.environ["PROCTOR_POSTGRES_BINDIR"])
+        return path if os.access(path / "initdb", os.X_OK) and os.access(path / "pg_ctl", os.X_OK) else None
     candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name)
                         if Path(p).parent.name.isdigit() else 0, reverse=True)
     which = shutil.which("pg_ctl")
@@ -79,7 +83,9 @@ class PostgresServer:
         name = f"test_{os.getpid()}_{next(self._names)}"
         conn = await asyncpg.connect(self.dsn())
         try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
+            # PostgreSQL 15+ copies the template through the WAL by default: a file copy is ~3x faster here.
+            strategy = " STRATEGY = FILE_COPY" if conn.get_server_version().major >= 15 else ""
+            await conn.execute(f'CREATE DATABASE "{name}"{strategy}')
         finally:
             await conn.close()
         return self.dsn(name)
@@ -97,8 +103,8 @@ def postgres_server():
     """A real PostgreSQL server; skipped (visibly) when its binaries are missing, unless CI requires it."""
     bindir = _postgres_bindir()
     if bindir is None:
-        reason = ("PostgreSQL binaries (initdb, pg_ctl) not found under /usr/lib/postgresql/*/bin or on PATH: "
-                  "apt-get install postgresql")
+        reason = ("PostgreSQL binaries (initdb, pg_ctl) not found under /usr/lib/postgresql/*/bin, on PATH "
+                  "or in PROCTOR_POSTGRES_BINDIR: apt-get install postgresql")
         if os.environ.get("PROCTOR_REQUIRE_POSTGRES") == "1":
             pytest.fail(f"PROCTOR_REQUIRE_POSTGRES=1 but {reason}", pytrace=False)
         pytest.skip(reason)

@@ -36,7 +36,7 @@ class FakeClassifier:
     def heads(self):
         return self._heads
 
-    def set_heads(self, records) -> None:
+    def set_heads(self, records, strict: bool = True) -> None:
         """Records from the store are ignored: the fake keeps its colour heads."""
 
     def classify(self, frames):
@@ -83,14 +83,16 @@ def screen(colour: str, width: int = 1280, height: int = 720, seed: int = 0) -> 
 class HeaderAuthenticator:
     """Login stand-in: the user id comes from an X-Test-User header; Origin must be the server's own."""
 
-    def __init__(self, store):
+    def __init__(self, store=None):
         self.store = store
 
     async def current_user(self, request):
+        from proctor.appkeys import STORE_KEY
+
         user_id = request.headers.get("X-Test-User")
         if user_id is None:
             return None
-        return await self.store.get_user(int(user_id))
+        return await (self.store or request.app[STORE_KEY]).get_user(int(user_id))
 
     def origin_allowed(self, request):
         return request.headers.get("Origin") == f"{request.scheme}://{request.host}"

@@ -14,7 +14,8 @@ from safetensors.numpy import save as save_safetensors
 from proctor.passwords import hash_password
 from proctor.storage import open_store, sqlite_path
 from proctor.storage.base import (
-    Alert, Conflict, HeadRecord, InvalidData, NotFound, SessionEvent, StoreUnavailable, utcnow,
+    Alert, Conflict, HeadRecord, InvalidData, NotFound, PurgeReport, SessionEvent, StoreError, StoreUnavailable,
+    utcnow,
 )
 
 HASH = hash_password("correct horse battery")
@@ -35,6 +36,12 @@ async def store(request, tmp_path):
 def jpeg(seed: int = 0, size: int = 16) -> bytes:
     pixels = np.full((size, size, 3), seed % 256, np.uint8)
     return simplejpeg.encode_jpeg(pixels, quality=90)
+
+
+def jpeg_with_comment(text: bytes) -> bytes:
+    """A valid JPEG carrying `text` in a COM segment, to look for its bytes on disk."""
+    data = jpeg(3)
+    return data[:2] + b"\xff\xfe" + (len(text) + 2).to_bytes(2, "big") + text + data[2:]
 
 
 def head_file(out: int = 1, features: int = 1280, bias: int | None = None) -> bytes:
@@ -160,8 +167,12 @@ async def test_exam_errors(store):
         await store.get_exam(77)
     with pytest.raises(NotFound, match="no exam with join code"):
         await store.get_exam_by_code("NOPE")
-    with pytest.raises(InvalidData, match="unknown head"):
-        await store.create_exam("E", teacher.id, ["not-a-head"], "C1")
+    with pytest.raises(InvalidData, match="invalid head name 'not a head'"):
+        await store.create_exam("E", teacher.id, ["not a head"], "C1")
+    with pytest.raises(InvalidData, match="list a head twice"):
+        await store.create_exam("E", teacher.id, ["word", "word"], "C1")
+    with pytest.raises(InvalidData, match="not the string"):
+        await store.create_exam("E", teacher.id, "word", "C1")
     with pytest.raises(InvalidData, match="only a teacher or admin"):
         await store.create_exam("E", student.id, [], "C1")
     with pytest.raises(NotFound, match="no user with id 999"):
@@ -336,7 +347,7 @@ async def test_purge_deletes_old_ended_exams_data_only(store):
         await store.add_event(SessionEvent(e.id, student.id, "connect", utcnow()))
     await store.set_exam_state(exam.id, "ended")
     # Ended just now: not older than a day, nothing goes.
-    assert (await store.purge(dt.timedelta(days=1))) == type(await store.purge(dt.timedelta(days=1)))(0, 0, 0)
+    assert (await store.purge(dt.timedelta(days=1))) == PurgeReport(alerts=0, events=0, exams=0)
     await asyncio.sleep(0.01)
     report = await store.purge(dt.timedelta(milliseconds=1))
     assert (report.alerts, report.events, report.exams) == (1, 1, 1)
@@ -358,9 +369,7 @@ async def test_purged_evidence_leaves_the_sqlite_file(tmp_path):
         _, student, exam = await setup_exam(store)
         await store.set_exam_state(exam.id, "running")
         marker = b"PROCTOR-EVIDENCE-MARKER-" + uuid.uuid4().hex.encode()
-        evidence = jpeg(3)
-        evidence = evidence[:2] + b"\xff\xfe" + len(marker + b"..").to_bytes(2, "big") + marker + evidence[2:]
-        await store.add_alert(alert(exam.id, student.id, evidence=evidence))
+        await store.add_alert(alert(exam.id, student.id, evidence=jpeg_with_comment(marker)))
         await store.set_exam_state(exam.id, "ended")
         await asyncio.sleep(0.01)
         assert (await store.purge(dt.timedelta(milliseconds=1))).alerts == 1
@@ -407,3 +416,19 @@ async def test_open_store_urls(tmp_path):
         await open_store(f"sqlite:///{tmp_path}/junk.db")
     with pytest.raises(StoreUnavailable, match="cannot connect to PostgreSQL"):
         await open_store("postgresql://nobody@127.0.0.1:1/none")
+
+
+async def test_database_from_a_newer_version_is_refused(store):
+    async with store._connection() as c:  # as a newer proctor would have left it
+        await c.execute("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                        9999, "future", store._ts(utcnow()))
+    with pytest.raises(StoreError, match=r"schema version\(s\) \[9999\].*newer version"):
+        await store.migrate()
+
+
+async def test_closed_store_says_so(tmp_path):
+    store = await open_store(f"sqlite:///{tmp_path}/c.db")
+    await store.migrate()
+    await store.close()
+    with pytest.raises(StoreError, match="the store is closed"):
+        await store.list_users()

@@ -204,26 +204,32 @@ class Engine:
 
     # --- heads ----------------------------------------------------------------------------------------------
 
-    def set_heads(self, sources: Iterable[Head | Any], strict: bool = True) -> list[str]:
+    def set_heads(self, sources: Iterable[Head | Any], strict: bool = False) -> list[str]:
         """Replace the head set atomically; sources are Heads, HeadRecords, head file bytes or paths.
 
         Blocking (may load a backbone or build its runtime the first time): call it off the event loop.
-        A head whose backbone this engine cannot load is refused: with strict, nothing changes and
-        EngineError says why; otherwise it is left out and the returned messages say why.
+        A head that is invalid or whose backbone this engine cannot load is refused: with strict,
+        nothing changes and EngineError says why; otherwise (the server's case: one bad stored head
+        must not stop the others) it is left out, logged, and the returned messages say why.
         """
         with self._lock:
-            try:
-                heads = load_heads(list(sources))
-            except HeadError as exc:
-                raise EngineError(str(exc)) from None
             refused: list[str] = []
             usable: list[Head] = []
-            for head in heads:
+            names: set[str] = set()
+            for source in sources:
+                try:
+                    head = load_heads([source])[0]
+                except HeadError as exc:
+                    refused.append(str(exc))
+                    continue
                 problem = self._check_backbone(head)
+                if head.name in names:
+                    problem = f"two heads are named {head.name!r}; the second is left out"
                 if problem:
                     refused.append(problem)
                 else:
                     usable.append(head)
+                    names.add(head.name)
             if refused and strict:
                 raise EngineError("; ".join(refused))
             for message in refused:

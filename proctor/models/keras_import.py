@@ -231,8 +231,8 @@ def _fill_backbone(weights: dict[tuple[str, str], np.ndarray], path: Path) -> tu
         if array is None:
             continue
         # Keras kernels are (h, w, in, out), depthwise (h, w, channels, 1); torch wants (out, in, h, w).
-        array = array.transpose(2, 3, 0, 1) if kind == "depthwise" else array.transpose(3, 2, 0, 1)
-        matched += _put(state, f"{prefix}.weight", array, path, f"{layer}/kernel")
+        converted = array.transpose(2, 3, 0, 1) if kind == "depthwise" else array.transpose(3, 2, 0, 1)
+        matched += _put(state, f"{prefix}.weight", converted, path, f"{layer}/kernel", array.shape)
     if missing:
         raise KerasImportError(f"{path}: not a Keras MobileNetV2 model: {len(missing)} weights missing "
                                f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
@@ -240,10 +240,11 @@ def _fill_backbone(weights: dict[tuple[str, str], np.ndarray], path: Path) -> tu
     return features, matched, used
 
 
-def _put(state: dict, key: str, array: np.ndarray, path: Path, keras_name: str) -> int:
+def _put(state: dict, key: str, array: np.ndarray, path: Path, keras_name: str,
+         keras_shape: tuple[int, ...] | None = None) -> int:
     if tuple(state[key].shape) != array.shape:
-        raise KerasImportError(f"{path}: {keras_name} has shape {array.shape}, MobileNetV2 alpha 1.0 needs "
-                               f"{tuple(state[key].shape)} (other widths are not supported)")
+        raise KerasImportError(f"{path}: {keras_name} has shape {keras_shape or array.shape}, which is not "
+                               "MobileNetV2 alpha 1.0's (other widths are not supported)")
     state[key] = torch.from_numpy(np.ascontiguousarray(array))
     return 1
 

@@ -143,18 +143,22 @@ class PurgeReport:
 
 
 # Cross-node notifications: small payloads (ids), the data is read from the tables.
-# channel is one of "alert", "alert_closed", "presence", "heads", "exam"; the store adds
-# "node" (its node_id) to every payload so a node can skip its own notifications.
+# channel is one of "alert", "alert_closed", "presence", "heads", "exam" (validate.CHANNELS); the store
+# adds "node" (its node_id) to every payload that has none, so a node can skip its own notifications.
 Listener = Callable[[str, dict[str, Any]], Awaitable[None]]
 
 
 class Store(Protocol):
+    # Stamped as "node" on every notification this store publishes, so a node can skip its own.
     node_id: str
 
     async def close(self) -> None: ...
 
     async def migrate(self) -> list[int]:
         """Apply pending migrations in order; returns the versions applied now (empty when up to date)."""
+
+    async def pending_migrations(self) -> list[int]:
+        """Versions migrate() would apply now (all of them on a database never initialised)."""
 
     async def ping(self) -> None:
         """Raise StoreUnavailable when the database cannot be reached."""
@@ -192,9 +196,10 @@ class Store(Protocol):
     # alerts (written through the write-behind queue on the frame path; idempotent by id)
     async def add_alert(self, alert: Alert) -> None: ...
     async def close_alert(self, alert_id: str, closed_at: dt.datetime) -> None: ...
-    async def get_alert(self, alert_id: str) -> Alert: ...
+    async def get_alert(self, alert_id: str, with_evidence: bool = True) -> Alert: ...
     async def list_alerts(self, exam_id: int, student_id: int | None = None,
-                          review_state: str | None = None) -> list[Alert]: ...
+                          review_state: str | None = None, with_evidence: bool = True) -> list[Alert]:
+        """Oldest first; with_evidence=False leaves each `evidence` empty (b"") to keep lists light."""
     async def review_alert(self, alert_id: str, state: str, note: str, reviewer_id: int) -> Alert: ...
 
     # session events and audit log

@@ -62,7 +62,6 @@ class PostgresStore(SqlStore):
         self._dsn = dsn
         self._listen_task: asyncio.Task | None = None
         self._listening = asyncio.Event()
-        self._closed = False
 
     @classmethod
     async def open(cls, dsn: str, min_size: int = 1, max_size: int = 10) -> "PostgresStore":
@@ -85,12 +84,14 @@ class PostgresStore(SqlStore):
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[Connection]:
+        self._check_open()
         with _mapped_errors():
             async with self._pool.acquire() as conn:
                 yield _Conn(conn)
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[Connection]:
+        self._check_open()
         with _mapped_errors():
             async with self._pool.acquire() as conn:
                 async with conn.transaction():
@@ -137,13 +138,20 @@ class PostgresStore(SqlStore):
                         applied_now.append(m.version)
         return applied_now
 
+    async def _applied_versions(self) -> set[int]:
+        async with self._connection() as c:
+            if (await c.fetchrow("SELECT to_regclass('schema_migrations') AS t"))["t"] is None:
+                return set()
+            return {r["version"] for r in await c.fetch("SELECT version FROM schema_migrations")}
+
     async def _reclaim(self) -> None:
         # DELETE only marks rows dead; VACUUM FULL rewrites the tables so purged evidence leaves the disk.
         # It locks each table briefly: the write-behind queue holds alerts and events meanwhile.
         with _mapped_errors():
             async with self._pool.acquire() as conn:
                 for table in ("alerts", "session_events"):
-                    await conn.execute(f"VACUUM FULL {table}")
+                    # Far longer than command_timeout: a big table takes a while to rewrite.
+                    await conn.execute(f"VACUUM FULL {table}", timeout=3600)
 
     # notifications -------------------------------------------------------------------------------
 
@@ -201,6 +209,9 @@ class PostgresStore(SqlStore):
             except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
                 if self._listening.is_set() or first:
                     logger.error("LISTEN connection to PostgreSQL lost: %s; reconnecting", exc)
+            except Exception:
+                # Whatever happened, cross-node events must keep flowing: log it and reconnect.
+                logger.exception("LISTEN connection to PostgreSQL failed; reconnecting")
             finally:
                 self._listening.clear()
                 if conn is not None and not conn.is_closed():

@@ -27,7 +27,6 @@ from proctor.storage.base import (
 logger = logging.getLogger(__name__)
 
 Row = Mapping[str, Any]
-_STATE_AFTER = {"draft": "running", "running": "ended"}
 _MIGRATION_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
 
@@ -75,6 +74,12 @@ class SqlStore:
         self.node_id = uuid.uuid4().hex
         self._listeners: list[Listener] = []
         self._dispatch_tasks: set[asyncio.Task] = set()
+        self._closed = False
+
+    def _check_open(self) -> None:
+        # Not StoreUnavailable: a closed store never comes back, so the write-behind queue must not wait.
+        if self._closed:
+            raise StoreError("the store is closed")
 
     # driver hooks --------------------------------------------------------------------------------
 
@@ -94,6 +99,15 @@ class SqlStore:
 
     async def _notify(self, channel: str, text: str) -> None:
         raise NotImplementedError
+
+    async def _applied_versions(self) -> set[int]:
+        """Migration versions recorded in the database (empty when it was never initialised)."""
+        raise NotImplementedError
+
+    async def pending_migrations(self) -> list[int]:
+        """Versions migrate() would apply now; commands other than init refuse to run while any remain."""
+        done = await self._applied_versions()
+        return [m.version for m in load_migrations(self.dialect) if m.version not in done]
 
     # rows to records -----------------------------------------------------------------------------
 
@@ -182,12 +196,6 @@ class SqlStore:
 
     # exams ---------------------------------------------------------------------------------------
 
-    async def _check_heads_exist(self, c: Connection, names: Sequence[str]) -> None:
-        known = {r["name"] for r in await c.fetch("SELECT name FROM heads")}
-        unknown = [n for n in names if n not in known]
-        if unknown:
-            raise InvalidData(f"unknown head(s) in allowed heads: {', '.join(unknown)}")
-
     async def create_exam(self, name: str, owner_id: int, allowed_heads: Sequence[str],
                           join_code: str) -> Exam:
         v.text("exam name", name, max_length=200)
@@ -201,7 +209,6 @@ class SqlStore:
                 if owner["role"] not in ("teacher", "admin"):
                     raise InvalidData(f"user {owner_id} is a {owner['role']}: only a teacher or admin "
                                       "owns exams")
-                await self._check_heads_exist(c, heads)
                 row = await c.fetchrow(
                     "INSERT INTO exams (name, owner_id, allowed_heads, state, join_code, created_at) "
                     "VALUES (?, ?, ?, 'draft', ?, ?) RETURNING *",
@@ -240,7 +247,6 @@ class SqlStore:
     async def set_exam_heads(self, exam_id: int, allowed_heads: Sequence[str]) -> Exam:
         heads = v.head_names(allowed_heads)
         async with self._connection() as c:
-            await self._check_heads_exist(c, heads)
             row = await c.fetchrow("UPDATE exams SET allowed_heads = ? WHERE id = ? AND state = 'draft' "
                                    "RETURNING *", json.dumps(heads), _int("exam id", exam_id))
         if row is None:
@@ -364,7 +370,7 @@ class SqlStore:
         exam_id, student_id = _int("exam id", alert.exam_id), _int("student id", alert.student_id)
         try:
             async with self._connection() as c:
-                inserted = await c.execute(
+                await c.execute(
                     "INSERT INTO alerts (id, exam_id, student_id, opened_at, closed_at, verdict, program, "
                     "scores, evidence, review_state, review_note, reviewer_id) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
@@ -373,21 +379,15 @@ class SqlStore:
                     alert.reviewer_id)
         except NotFound:
             raise await self._explain_missing(exam_id, student_id) from None
-        if inserted:
-            await self.publish("alert", {"id": alert.id, "exam_id": exam_id, "student_id": student_id,
-                                         "event": "opened"})
 
     async def close_alert(self, alert_id: str, closed_at: dt.datetime) -> None:
         """Idempotent: the first close time is kept."""
         closed = v.timestamp("closed_at", closed_at)
         async with self._connection() as c:
-            row = await c.fetchrow("UPDATE alerts SET closed_at = ? WHERE id = ? AND closed_at IS NULL "
-                                   "RETURNING exam_id, student_id", self._ts(closed), str(alert_id))
-        if row is None:
+            changed = await c.execute("UPDATE alerts SET closed_at = ? WHERE id = ? AND closed_at IS NULL",
+                                      self._ts(closed), str(alert_id))
+        if not changed:
             await self.get_alert(alert_id, with_evidence=False)  # NotFound when it does not exist
-            return
-        await self.publish("alert", {"id": alert_id, "exam_id": row["exam_id"],
-                                     "student_id": row["student_id"], "event": "closed"})
 
     async def get_alert(self, alert_id: str, with_evidence: bool = True) -> Alert:
         async with self._connection() as c:
@@ -512,9 +512,11 @@ class SqlStore:
     # cross-node notifications --------------------------------------------------------------------
 
     async def publish(self, channel: str, payload: dict[str, Any]) -> None:
-        """Tell every node's subscribers; the payload gains "node" (this store's node_id)."""
+        """Tell every node's subscribers (this one included); a payload without "node" gets this store's
+        node_id. Alerts, presence and exams are published by their callers after the write; head changes
+        by the store itself, so heads added from the command line reach running servers."""
         v.channel(channel)
-        text = v.to_json(f"{channel} notification", {**payload, "node": self.node_id})
+        text = v.to_json(f"{channel} notification", {"node": self.node_id, **payload})
         if len(text.encode()) > v.MAX_NOTIFY_BYTES:
             raise InvalidData(f"{channel} notification is {len(text)} bytes: send ids, not data "
                               f"(at most {v.MAX_NOTIFY_BYTES})")

@@ -71,17 +71,21 @@ class SqliteStore(SqlStore):
         return cls(db, path)
 
     async def close(self) -> None:
+        self._closed = True
         await self._cancel_dispatch()
-        await self._db.close()
+        async with self._lock:
+            await self._db.close()
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[Connection]:
+        self._check_open()
         async with self._lock:
             with _mapped_errors():
                 yield _Conn(self._db)
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[Connection]:
+        self._check_open()
         async with self._lock:
             with _mapped_errors():
                 await self._db.execute("BEGIN IMMEDIATE")
@@ -130,6 +134,13 @@ class SqliteStore(SqlStore):
                         raise StoreError(f"SQLite migration {m.version:04d}_{m.name} failed: {exc}") from None
                     applied_now.append(m.version)
         return applied_now
+
+    async def _applied_versions(self) -> set[int]:
+        async with self._connection() as c:
+            if await c.fetchrow("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                "AND name = 'schema_migrations'") is None:
+                return set()
+            return {r["version"] for r in await c.fetch("SELECT version FROM schema_migrations")}
 
     async def _notify(self, channel: str, text: str) -> None:
         # A single node: notifications stay in this process.

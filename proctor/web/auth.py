@@ -218,27 +218,9 @@ def _state(request: web.Request) -> WebState:
     return request.app[WEB_STATE_KEY]
 
 
-_LOOPBACK = ("127.0.0.1", "::1")
-
-
-def _behind_local_proxy(request: web.Request) -> bool:
-    """True when the peer is a reverse proxy on this machine: only then are X-Forwarded-* headers believed
-    (anyone else could send them to dodge the login limit or fake https)."""
-    return request.remote in _LOOPBACK
-
-
 def client_address(request: web.Request) -> str:
-    """The client's address, from the last X-Forwarded-For hop when a local reverse proxy relays it."""
-    forwarded = request.headers.get("X-Forwarded-For") if _behind_local_proxy(request) else None
-    if forwarded:
-        return forwarded.rsplit(",", 1)[-1].strip() or "unknown"
+    # server.forwarded_middleware has already put a trusted proxy's X-Forwarded-For into request.remote.
     return request.remote or "unknown"
-
-
-def request_scheme(request: web.Request) -> str:
-    """http or https as the browser sees it (X-Forwarded-Proto of a local TLS-terminating proxy counts)."""
-    proto = request.headers.get("X-Forwarded-Proto", "").lower() if _behind_local_proxy(request) else ""
-    return proto if proto in ("http", "https") else request.scheme
 
 
 def session_of(request: web.Request) -> Session | None:
@@ -320,14 +302,14 @@ def _set_cookie(request: web.Request, response: web.StreamResponse, session: Ses
 
 
 def is_secure(request: web.Request) -> bool:
-    return request_scheme(request) == "https" or request.app[CONFIG_KEY].tls
+    return request.secure or request.app[CONFIG_KEY].tls
 
 
 # ------------------------------------------------------------------------------------------------ origin
 
 
 def own_origin(request: web.Request) -> str:
-    return f"{request_scheme(request)}://{request.host}"
+    return f"{request.scheme}://{request.host}"
 
 
 def origin_allowed(request: web.Request) -> bool:
@@ -347,7 +329,7 @@ def origin_allowed(request: web.Request) -> bool:
 
 
 def _content_security_policy(request: web.Request) -> str:
-    ws = ("wss://" if request_scheme(request) == "https" else "ws://") + request.host
+    ws = ("wss://" if request.scheme == "https" else "ws://") + request.host
     return ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
             f"connect-src 'self' {ws}; media-src 'self' blob:; object-src 'none'; base-uri 'none'; "
             "form-action 'self'; frame-ancestors 'none'")

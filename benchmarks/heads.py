@@ -1,0 +1,134 @@
+"""Accuracy of the demo heads on held-out screenshots, and the false-alert rate of a two-head whitelist.
+
+The held-out set (data/screens-heldout, captured by scripts/capture-screens --split heldout) has other
+files AND other screen resolutions/window sizes than the training set the demo heads were trained on.
+Each head is judged at its own stored threshold: positives = its program's held-out frames, negatives =
+every other program's. The whitelist check allows two programs; a frame alerts when no allowed head
+scores at or above its threshold (per frame, without the server's smoothing over recent frames):
+an alert on an allowed program's frame is a false alert, no alert on another program's frame is a miss.
+
+Usage: PYTHONPATH=. .venv/bin/python benchmarks/heads.py [--heldout data/screens-heldout] [--allow geany,mupdf]
+Prints JSON and writes it to benchmarks/results/heads.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from proctor.models.backbone import load_backbone  # noqa: E402
+from proctor.models.demo import demo_head_files  # noqa: E402
+from proctor.models.heads import HeadStack, read_head_file  # noqa: E402
+from proctor.models.training import FeatureCache, read_images, evaluate, features, list_images  # noqa: E402
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
+            "cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--heldout", type=Path, default=Path("data/screens-heldout"))
+    parser.add_argument("--allow", default="geany,mupdf", help="the two (or more) heads of the whitelist")
+    parser.add_argument("--cache-dir", type=Path, default=Path("var/cache"))
+    parser.add_argument("--backbone-weights", default="bundled")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/heads.json"))
+    args = parser.parse_args()
+
+    heads = [read_head_file(p) for p in demo_head_files()]
+    if not heads:
+        print("benchmarks/heads.py: no demo heads in proctor/models/demo_heads", file=sys.stderr)
+        return 2
+    folders = sorted(p for p in args.heldout.iterdir() if p.is_dir()) if args.heldout.is_dir() else []
+    if not folders:
+        print(f"benchmarks/heads.py: {args.heldout}: no program folders", file=sys.stderr)
+        return 2
+    backbone = load_backbone(args.backbone_weights, args.cache_dir)
+    for head in heads:
+        if head.backbone_hash != backbone.weights_hash:
+            print(f"benchmarks/heads.py: head {head.name} needs backbone {head.backbone_hash[:12]}, "
+                  f"{args.backbone_weights} is {backbone.weights_hash[:12]}", file=sys.stderr)
+            return 2
+    programs, images = [], []
+    for folder in folders:
+        found = read_images(list_images(folder, "held-out"), "held-out")
+        images += found
+        programs += [folder.name] * len(found)
+    programs_arr = np.array(programs)
+    start = time.monotonic()
+    feats = features(images, 1, backbone, FeatureCache(args.cache_dir / "features", backbone))[:, 0]
+    feature_s = time.monotonic() - start
+    scores = HeadStack.build(heads).apply(torch.from_numpy(feats)).numpy()
+
+    per_head = {}
+    for j, head in enumerate(heads):
+        labels = (programs_arr == head.name).astype(int)
+        if labels.sum() == 0:
+            per_head[head.name] = {"error": f"no held-out folder {args.heldout / head.name}"}
+            continue
+        per_head[head.name] = {"program": head.program, "threshold": round(head.threshold, 6),
+                               "positives": int(labels.sum()), "negatives": int((1 - labels).sum()),
+                               **evaluate(scores[:, j], labels, head.threshold)}
+
+    allowed = [a for a in args.allow.split(",") if a]
+    index = {h.name: j for j, h in enumerate(heads)}
+    unknown = [a for a in allowed if a not in index]
+    if unknown:
+        print(f"benchmarks/heads.py: --allow names unknown heads {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    accepted = np.zeros(len(images), bool)
+    for name in allowed:
+        accepted |= scores[:, index[name]] >= heads[index[name]].threshold
+    alert = ~accepted
+    is_allowed = np.isin(programs_arr, allowed)
+    whitelist = {"allowed": allowed, "allowed_frames": int(is_allowed.sum()),
+                 "other_frames": int((~is_allowed).sum()),
+                 "false_alerts": int((alert & is_allowed).sum()),
+                 "false_alert_rate": round(float((alert & is_allowed).sum() / max(1, is_allowed.sum())), 4),
+                 "missed": int((~alert & ~is_allowed).sum()),
+                 "miss_rate": round(float((~alert & ~is_allowed).sum() / max(1, (~is_allowed).sum())), 4)}
+    resolutions = _resolutions(args.heldout)
+    result = {"benchmark": "heads", "heldout": str(args.heldout), "heldout_resolutions": resolutions,
+              "frames": len(images), "backbone": backbone.spec.source, "backbone_hash": backbone.weights_hash,
+              "input": f"{backbone.spec.preprocessing.width}x{backbone.spec.preprocessing.height}",
+              "feature_seconds": round(feature_s, 2), "heads": per_head, "whitelist": whitelist,
+              "min_balanced_accuracy": min((h.get("balanced_accuracy", 0.0) for h in per_head.values()), default=0.0),
+              "machine": machine()}
+    text = json.dumps(result, indent=2)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text + "\n")
+    return 0
+
+
+def _resolutions(heldout: Path) -> list[str]:
+    manifest = heldout / "MANIFEST.csv"
+    if not manifest.is_file():
+        return []
+    import csv
+
+    with manifest.open() as f:
+        return sorted({row["resolution"] for row in csv.DictReader(f)})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

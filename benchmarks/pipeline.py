@@ -1,0 +1,205 @@
+#!/usr/bin/env python3
+"""Throughput of the frame path, in one process and one run (a script, not a test).
+
+Measures, on the same frames:
+  backbone_fps  the shared backbone alone on pre-decoded frames at --batch (every runtime it can run);
+  pipeline_fps  the whole path: JPEG decode (thread pool) + dynamic batcher + backbone + all heads
+                as one matmul + whitelist verdict per frame;
+  naive_fps     how one-model-per-program servers work: decode, then one full eager-PyTorch
+                MobileNetV2 classifier per allowed program, per frame, at batch size 1.
+
+    python benchmarks/pipeline.py --json benchmarks/results/pipeline-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import simplejpeg
+import torch
+import torchvision
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from proctor.batching import decode  # noqa: E402
+from proctor.batching.batcher import DynamicBatcher  # noqa: E402
+from proctor.config import Config  # noqa: E402
+from proctor.models.engine import Engine  # noqa: E402
+from proctor.models.heads import make_head  # noqa: E402
+from proctor.models.interface import HeadInfo  # noqa: E402
+from proctor.whitelist import Policy, judge  # noqa: E402
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version(),
+            "torch": torch.__version__, "platform": platform.platform()}
+
+
+def load_frames(images: Path | None, count: int) -> tuple[list[bytes], str]:
+    """JPEGs as students send them (max width 1280): the captured screenshots, else synthetic screens."""
+    files = sorted(images.rglob("*.jpg")) if images and images.is_dir() else []
+    frames: list[bytes] = []
+    if files:
+        for path in files[:count]:
+            data = path.read_bytes()
+            width, height = decode.read_size(data)
+            if width > 1280:
+                pixels = decode.decode_rgb(data, (1280, round(1280 * height / width)))
+                data = simplejpeg.encode_jpeg(np.ascontiguousarray(pixels), quality=75, colorspace="RGB")
+            frames.append(data)
+        source = f"{len(frames)} screenshots from {images}"
+    rng = np.random.default_rng(0)
+    while len(frames) < count:
+        # Window-like blocks of flat colour with text-like noise: compresses like a real screen.
+        pixels = np.full((720, 1280, 3), rng.integers(200, 255), np.uint8)
+        for _ in range(6):
+            x, y = rng.integers(0, 1000), rng.integers(0, 500)
+            pixels[y:y + 200, x:x + 280] = rng.integers(0, 255, 3)
+            pixels[y + 20:y + 180:12, x + 10:x + 270] = rng.integers(0, 80, (14, 260, 3))
+        frames.append(simplejpeg.encode_jpeg(pixels, quality=75, colorspace="RGB"))
+    if not files:
+        source = "synthetic screens (no screenshots found)"
+    return frames, source
+
+
+def make_heads(engine: Engine, count: int) -> None:
+    spec = engine.backbone
+    rng = np.random.default_rng(1)
+    features = engine.features([np.zeros((spec.preprocessing.height, spec.preprocessing.width, 3), np.uint8)]).shape[1]
+    heads = [make_head(f"program{i}", f"Program {i}", "logistic",
+                       {"weight": rng.normal(0, 0.05, (1, features)).astype(np.float32),
+                        "bias": np.zeros(1, np.float32)}, spec)
+             for i in range(count)]
+    engine.set_heads(heads)
+
+
+def time_backbone(engine: Engine, frames: list[np.ndarray], batch: int, seconds: float) -> float:
+    engine.features(frames[:batch], batch_size=batch)  # warm-up (runtime build, allocator)
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        engine.features(frames[:batch], batch_size=batch)
+        done += batch
+    return done / (time.perf_counter() - started)
+
+
+async def time_pipeline(engine: Engine, jpegs: list[bytes], batch: int, total: int, decode_threads: int) -> float:
+    policy = Policy(frozenset({"program0", "program1"}))
+    decode_pool = ThreadPoolExecutor(decode_threads)
+    infer_pool = ThreadPoolExecutor(1)
+    size = engine.frame_size
+
+    def infer(frames):
+        scores = engine.classify(frames)
+        return [judge(scores.row(i), scores.heads, policy) for i in range(len(frames))]
+
+    batcher = DynamicBatcher(prepare=lambda jpeg: decode.decode_rgb(jpeg, size), infer=infer,
+                             decode_executor=decode_pool, infer_executor=infer_pool, max_batch=batch,
+                             max_wait_s=0.01, max_queue=total + 1, decode_chunks=decode_threads)
+    batcher.start()
+    # Warm-up batch, then the timed run: every frame from its own session, all offered at once,
+    # so the batcher runs full batches and decode of one overlaps inference of the previous.
+    await asyncio.gather(*(batcher.submit(("warm", i), jpegs[i % len(jpegs)]) for i in range(batch)))
+    started = time.perf_counter()
+    verdicts = await asyncio.gather(*(batcher.submit(i, jpegs[i % len(jpegs)]) for i in range(total)))
+    elapsed = time.perf_counter() - started
+    await batcher.close()
+    decode_pool.shutdown()
+    infer_pool.shutdown()
+    assert len(verdicts) == total
+    return total / elapsed
+
+
+def time_naive(jpegs: list[bytes], programs: int, frames: int, size: tuple[int, int]) -> float:
+    models = [torchvision.models.mobilenet_v2(weights=None, num_classes=2).eval() for _ in range(programs)]
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+    def one(jpeg: bytes) -> None:
+        pixels = decode.decode_rgb(jpeg, size)
+        x = (torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0).float() / 255 - mean) / std
+        with torch.inference_mode():
+            for model in models:
+                torch.softmax(model(x), dim=1)
+
+    one(jpegs[0])
+    started = time.perf_counter()
+    for i in range(frames):
+        one(jpegs[i % len(jpegs)])
+    return frames / (time.perf_counter() - started)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--heads", type=int, default=4, help="heads loaded (= programs of the naive baseline)")
+    parser.add_argument("--frames", type=int, default=640, help="frames through the full pipeline")
+    parser.add_argument("--naive-frames", type=int, default=24)
+    parser.add_argument("--seconds", type=float, default=8.0, help="time per backbone measurement")
+    parser.add_argument("--images", type=Path, default=ROOT / "data" / "screens")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--backbone-weights", default="bundled")
+    parser.add_argument("--data-dir", default=str(ROOT / "var"))
+    args = parser.parse_args()
+
+    config = Config(device=args.device, backbone_weights=args.backbone_weights, data_dir=args.data_dir)
+    engine = Engine.from_config(config)
+    make_heads(engine, args.heads)
+    jpegs, source = load_frames(args.images, 64)
+    size = engine.frame_size
+    decoded = [decode.decode_rgb(j, size) for j in jpegs]
+    while len(decoded) < args.batch:
+        decoded += decoded
+    print(f"engine: {engine.describe()}", flush=True)
+
+    by_runtime = {engine.runtime: time_backbone(engine, decoded, args.batch, args.seconds)}
+    print(f"backbone {engine.runtime}: {by_runtime[engine.runtime]:.1f} frames/s", flush=True)
+    other_runtimes = ["torch"] if engine.runtime == "onnx" else []
+    for runtime in other_runtimes:
+        other = Engine.from_config(config, runtime=runtime)
+        by_runtime[runtime] = time_backbone(other, decoded, args.batch, args.seconds)
+        print(f"backbone {runtime}: {by_runtime[runtime]:.1f} frames/s", flush=True)
+        del other
+
+    pipeline_fps = asyncio.run(time_pipeline(engine, jpegs, args.batch, args.frames, config.decode_threads))
+    print(f"pipeline: {pipeline_fps:.1f} frames/s", flush=True)
+    naive_fps = time_naive(jpegs, args.heads, args.naive_frames, size)
+    print(f"naive ({args.heads} full classifiers per frame, batch 1): {naive_fps:.2f} frames/s", flush=True)
+
+    result = {
+        "device": str(engine.device), "runtime": engine.runtime, "heads": args.heads, "batch_size": args.batch,
+        "input_size": list(size), "frames": source,
+        "backbone_fps": round(by_runtime[engine.runtime], 2), "pipeline_fps": round(pipeline_fps, 2),
+        "naive_fps": round(naive_fps, 3), "speedup_vs_naive": round(pipeline_fps / naive_fps, 2),
+        "pipeline_vs_backbone": round(pipeline_fps / by_runtime[engine.runtime], 3),
+        "backbone_fps_by_runtime": {k: round(v, 2) for k, v in by_runtime.items()},
+        "machine": machine(),
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,445 @@
+"""Training a head: backbone features of labelled screenshots (cached), a logistic or MLP head, a threshold.
+
+`train_head` is a plain blocking function (images as paths or bytes, optional progress callback), so the
+server can run it in a worker thread and the `train-head` command can run it in the foreground.
+
+Screenshots of a program are augmented the way real student screens differ: the screen shrunk onto a
+desktop-like background at a random position, rescaled, re-compressed as JPEG at varied quality and
+partly covered by another window. Features of every (image, variant) are cached on disk under the
+image's sha256 and the backbone's hash, so retraining or training another head on the same images
+only runs the backbone for new images.
+
+The threshold is picked on a held-out, stratified, seeded validation split for a target false-alarm
+rate: the fraction of the program's own frames that would score below it (in the whitelist, such a
+frame raises an alert although the program is allowed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, UnidentifiedImageError
+
+from proctor.models.backbone import Backbone, preprocessing_to_dict
+from proctor.models.heads import Head, make_head
+
+logger = logging.getLogger(__name__)
+
+ImageSource = Union[str, os.PathLike, bytes]
+# progress(stage, done, total): stage is "features" or "fit".
+Progress = Callable[[str, int, int], None]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# Bump when the augmentation changes, so cached features of the old augmentation are not reused.
+AUGMENT_VERSION = 1
+MAX_DECODE_PIXELS = 4096 * 4096
+
+
+class TrainingError(ValueError):
+    """Training cannot start or finish; the message names the file, folder or value to fix."""
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Knobs of `train_head`; the defaults are what `proctor train-head` uses."""
+
+    mlp: bool = False
+    hidden: int = 64
+    target_far: float = 0.01
+    val_fraction: float = 0.25
+    seed: int = 0
+    augment: bool = True
+    # Augmented copies per training image (the original is always used too).
+    copies: int = 4
+    # L2 penalty on the standardised-feature weights.
+    l2: float = 1e-2
+    cache_dir: str | os.PathLike | None = None
+
+    def check(self) -> None:
+        if not 0.0 < self.target_far < 0.5:
+            raise TrainingError(f"invalid target false-alarm rate {self.target_far!r}: must be in (0, 0.5)")
+        if not 0.05 <= self.val_fraction <= 0.5:
+            raise TrainingError(f"invalid validation fraction {self.val_fraction!r}: must be in [0.05, 0.5]")
+        if not 0 <= self.copies <= 32:
+            raise TrainingError(f"invalid augmented copies {self.copies!r}: must be 0..32")
+        if not 1 <= self.hidden <= 4096:
+            raise TrainingError(f"invalid hidden size {self.hidden!r}: must be 1..4096")
+
+
+@dataclass
+class TrainResult:
+    """The trained head (threshold set) and the validation metrics also stored in head.metrics."""
+
+    head: Head
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+# --- images -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Image:
+    label: str  # file name, or "upload N" for bytes; used in error messages
+    data: bytes
+    sha256: str
+
+
+def list_images(directory: str | os.PathLike, role: str = "images") -> list[Path]:
+    """The image files of a folder (not recursive, hidden files skipped), sorted; errors name the folder."""
+    path = Path(directory)
+    if not path.exists():
+        raise TrainingError(f"{role} folder {path}: does not exist")
+    if not path.is_dir():
+        raise TrainingError(f"{role} folder {path}: is not a folder")
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise TrainingError(f"{role} folder {path}: is empty (expected screenshots: "
+                            f"{', '.join(IMAGE_SUFFIXES)})")
+    others = [p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    if others:
+        raise TrainingError(f"{role} folder {path}: {', '.join(others[:5])} "
+                            f"{'is' if len(others) == 1 else 'are'} not an image file "
+                            f"(expected only {', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def read_images(sources: Sequence[ImageSource] | str | os.PathLike, role: str = "images") -> list[_Image]:
+    """Read a folder or a list of paths/bytes (not decoded yet); errors name the file or folder."""
+    if isinstance(sources, (str, os.PathLike)):
+        sources = list_images(sources, role)
+    images = []
+    for i, source in enumerate(sources):
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            label, data = f"{role} upload {i + 1}", bytes(source)
+        else:
+            label = str(source)
+            try:
+                data = Path(source).read_bytes()
+            except OSError as exc:
+                raise TrainingError(f"{label}: cannot read ({exc.strerror or exc})") from None
+        images.append(_Image(label, data, hashlib.sha256(data).hexdigest()))
+    return images
+
+
+def decode(image: _Image) -> Image.Image:
+    """Decode to RGB; an undecodable or oversized file is a TrainingError naming it."""
+    try:
+        with Image.open(io.BytesIO(image.data)) as img:
+            if img.width * img.height > MAX_DECODE_PIXELS:
+                raise TrainingError(f"{image.label}: {img.width}x{img.height} is larger than a screen "
+                                    f"({MAX_DECODE_PIXELS} pixels at most)")
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        if isinstance(exc, TrainingError):
+            raise
+        raise TrainingError(f"{image.label}: not an image ({type(exc).__name__}: {exc})") from None
+
+
+# --- augmentation -------------------------------------------------------------------------------------------
+
+
+def _desktop(rng: random.Random, size: tuple[int, int]) -> Image.Image:
+    """A desktop-like background: a vertical two-colour gradient with a few icon squares."""
+    w, h = size
+    c1 = np.array([rng.randint(0, 255) for _ in range(3)], np.float32)
+    c2 = np.array([rng.randint(0, 255) for _ in range(3)], np.float32)
+    t = np.linspace(0.0, 1.0, h, dtype=np.float32)[:, None, None]
+    arr = np.broadcast_to(c1 + (c2 - c1) * t, (h, w, 3)).astype(np.uint8)
+    img = Image.fromarray(np.ascontiguousarray(arr))
+    draw = ImageDraw.Draw(img)
+    icon = max(8, w // 30)
+    for _ in range(rng.randint(0, 8)):
+        x, y = rng.randint(0, max(0, w - icon)), rng.randint(0, max(0, h - icon))
+        draw.rectangle([x, y, x + icon, y + icon], fill=tuple(rng.randint(0, 255) for _ in range(3)))
+    return img
+
+
+def _cover(rng: random.Random, img: Image.Image) -> None:
+    """Draw another program's window (title bar, light body, text-like lines) over part of the frame."""
+    w, h = img.size
+    cw, ch = int(w * rng.uniform(0.15, 0.4)), int(h * rng.uniform(0.15, 0.45))
+    x = rng.randint(-cw // 3, w - 2 * cw // 3)
+    y = rng.randint(-ch // 3, h - 2 * ch // 3)
+    draw = ImageDraw.Draw(img)
+    body = tuple(rng.randint(200, 255) for _ in range(3)) if rng.random() < 0.7 else \
+        tuple(rng.randint(0, 60) for _ in range(3))
+    ink = (30, 30, 30) if sum(body) > 380 else (220, 220, 220)
+    bar = max(4, h // 30)
+    draw.rectangle([x, y, x + cw, y + ch], fill=body, outline=(90, 90, 90))
+    draw.rectangle([x, y, x + cw, y + bar], fill=tuple(rng.randint(40, 220) for _ in range(3)))
+    line = max(3, h // 60)
+    for ly in range(y + bar + line, y + ch - line, line * 2):
+        lw = int(cw * rng.uniform(0.2, 0.9))
+        draw.rectangle([x + line, ly, x + line + lw, ly + max(1, line // 2)], fill=ink)
+
+
+def augment(img: Image.Image, seed: int) -> Image.Image:
+    """One plausible variant of a full screenshot as a student's stream might show it (deterministic per seed)."""
+    rng = random.Random(seed)
+    w, h = img.size
+    out = img
+    if rng.random() < 0.6:
+        # The program's window smaller than the screen, somewhere on a desktop.
+        s = rng.uniform(0.6, 0.95)
+        win = img.resize((max(1, int(w * s)), max(1, int(h * rng.uniform(s * 0.9, min(1.0, s * 1.1))))),
+                         Image.BILINEAR)
+        out = _desktop(rng, (w, h))
+        out.paste(win, (rng.randint(0, w - win.width), rng.randint(0, h - win.height)))
+    else:
+        out = img.copy()
+    if rng.random() < 0.4:
+        _cover(rng, out)
+    if rng.random() < 0.5:
+        # A lower-resolution screen or a smaller capture, scaled back by the server's resize.
+        s = rng.uniform(0.45, 0.9)
+        out = out.resize((max(16, int(w * s)), max(16, int(h * s))), Image.BILINEAR)
+    buf = io.BytesIO()
+    out.save(buf, "JPEG", quality=rng.randint(35, 90))
+    buf.seek(0)
+    with Image.open(buf) as recompressed:
+        return recompressed.convert("RGB")
+
+
+# --- features -----------------------------------------------------------------------------------------------
+
+
+class FeatureCache:
+    """Feature vectors on disk, one .npy per (image sha256, variant), under a key of backbone + input + augmentation."""
+
+    def __init__(self, directory: str | os.PathLike | None, backbone: Backbone):
+        spec = backbone.spec
+        key = repr((spec.weights_hash, sorted(preprocessing_to_dict(spec.preprocessing).items()), spec.pooling,
+                    AUGMENT_VERSION))
+        self.key = hashlib.sha256(key.encode()).hexdigest()[:24]
+        self.directory = Path(directory) / self.key if directory else None
+
+    def _path(self, sha: str, variant: int) -> Path:
+        assert self.directory is not None
+        return self.directory / sha[:2] / f"{sha}-{variant}.npy"
+
+    def get(self, sha: str, variant: int) -> np.ndarray | None:
+        if self.directory is None:
+            return None
+        path = self._path(sha, variant)
+        try:
+            return np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            logger.warning("ignoring the unreadable cached features %s: %s", path, exc)
+            return None
+
+    def put(self, sha: str, variant: int, vector: np.ndarray) -> None:
+        if self.directory is None:
+            return
+        path = self._path(sha, variant)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, vector.astype(np.float32))
+        os.replace(tmp, path)
+
+
+def _variant_seed(sha: str, variant: int) -> int:
+    return int(sha[:12], 16) * 64 + variant
+
+
+def features(images: Sequence[_Image], variants: int, backbone: Backbone, cache: FeatureCache,
+             progress: Progress | None = None, batch_size: int = 16) -> np.ndarray:
+    """Features [len(images), variants, F]: variant 0 is the image itself, the others augmented copies."""
+    out: list[list[np.ndarray | None]] = [[cache.get(im.sha256, v) for v in range(variants)] for im in images]
+    todo = [(i, v) for i in range(len(images)) for v in range(variants) if out[i][v] is None]
+    total = len(images) * variants
+    done = total - len(todo)
+    if progress:
+        progress("features", done, total)
+    decoded: dict[int, Image.Image] = {}
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        frames = []
+        for i, v in chunk:
+            if i not in decoded:
+                decoded.clear()  # a chunk walks one image's variants in order: keep only the current one
+                decoded[i] = decode(images[i])
+            img = decoded[i] if v == 0 else augment(decoded[i], _variant_seed(images[i].sha256, v))
+            frames.append(np.asarray(img))
+        vectors = backbone.extract(frames, batch_size=batch_size)
+        for (i, v), vector in zip(chunk, vectors):
+            out[i][v] = vector
+            cache.put(images[i].sha256, v, vector)
+        done += len(chunk)
+        if progress:
+            progress("features", done, total)
+    return np.stack([np.stack(row) for row in out]).astype(np.float32)  # type: ignore[arg-type]
+
+
+# --- fitting ------------------------------------------------------------------------------------------------
+
+
+def split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded train/validation indices; every class keeps at least one image on each side."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for cls in (0, 1):
+        idx = np.flatnonzero(labels == cls)
+        rng.shuffle(idx)
+        n_val = min(len(idx) - 1, max(1, round(len(idx) * fraction)))
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def _fit(x: np.ndarray, y: np.ndarray, options: TrainOptions) -> dict[str, np.ndarray]:
+    """Class-balanced logistic regression (L-BFGS) or a one-hidden-layer MLP (Adam) on standardised features.
+
+    The standardisation is folded into the first layer, so the head file sees raw backbone features.
+    """
+    torch.manual_seed(options.seed)
+    mean = x.mean(axis=0)
+    std = x.std(axis=0) + 1e-3
+    xt = torch.from_numpy((x - mean) / std).float()
+    yt = torch.from_numpy(y.astype(np.float32))
+    n_pos, n_neg = float(y.sum()), float(len(y) - y.sum())
+    # Each class weighs half of the loss whatever the counts (a head has many more negatives).
+    weights = torch.where(yt > 0, 0.5 / n_pos, 0.5 / n_neg)
+    dim = x.shape[1]
+    if options.mlp:
+        hidden = torch.nn.Linear(dim, options.hidden)
+        out = torch.nn.Linear(options.hidden, 1)
+        params = list(hidden.parameters()) + list(out.parameters())
+        opt = torch.optim.Adam(params, lr=1e-3, weight_decay=options.l2)
+        for _ in range(400):
+            opt.zero_grad()
+            z = out(torch.relu(torch.nn.functional.dropout(hidden(xt), 0.2, training=True)))[:, 0]
+            loss = (torch.nn.functional.binary_cross_entropy_with_logits(z, yt, reduction="none") * weights).sum()
+            loss.backward()
+            opt.step()
+        w1 = hidden.weight.detach().numpy() / std
+        b1 = hidden.bias.detach().numpy() - w1 @ mean
+        return {"hidden.weight": w1, "hidden.bias": b1, "out.weight": out.weight.detach().numpy(),
+                "out.bias": out.bias.detach().numpy()}
+    w = torch.zeros(dim, requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=300, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        z = xt @ w + b
+        loss = (torch.nn.functional.binary_cross_entropy_with_logits(z, yt, reduction="none") * weights).sum()
+        loss = loss + options.l2 * 0.5 * (w * w).sum() / math.sqrt(dim)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    wn = w.detach().numpy() / std
+    bn = b.detach().numpy() - float(wn @ mean)
+    return {"weight": wn[None, :], "bias": bn.astype(np.float32)}
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-6), 1 - 1e-6)
+    return math.log(p / (1 - p))
+
+
+def pick_threshold(pos: np.ndarray, neg: np.ndarray, target_far: float) -> float:
+    """Threshold so that at most target_far of the positives score below it, with a margin toward the negatives.
+
+    Among thresholds that keep the false-alarm rate within target, the one halfway (in logit space)
+    between the lowest positive allowed to pass and the highest negative under it: both kinds of error
+    get room on unseen frames.
+    """
+    pos = np.sort(pos)
+    allowed_misses = int(math.floor(target_far * len(pos) + 1e-9))
+    low_pos = float(pos[allowed_misses])
+    below = neg[neg < low_pos]
+    high_neg = float(below.max()) if below.size else min(low_pos / 2, 1e-3)
+    t = 1 / (1 + math.exp(-(_logit(low_pos) + _logit(high_neg)) / 2))
+    # A head threshold lies strictly inside (0, 1), and never above the lowest positive it must pass.
+    return float(min(max(t, 1e-6), 1 - 1e-6, low_pos))
+
+
+def evaluate(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Precision, recall, balanced accuracy, false-alarm and false-accept rates, confusion counts."""
+    predicted = scores >= threshold
+    pos = labels == 1
+    tp = int((predicted & pos).sum())
+    fn = int((~predicted & pos).sum())
+    fp = int((predicted & ~pos).sum())
+    tn = int((~predicted & ~pos).sum())
+    recall = tp / max(1, tp + fn)
+    specificity = tn / max(1, tn + fp)
+    return {"precision": round(tp / max(1, tp + fp), 4), "recall": round(recall, 4),
+            "specificity": round(specificity, 4), "balanced_accuracy": round((recall + specificity) / 2, 4),
+            "false_alarm_rate": round(fn / max(1, tp + fn), 4), "false_accept_rate": round(fp / max(1, tn + fp), 4),
+            "tp": tp, "fn": fn, "fp": fp, "tn": tn}
+
+
+def train_head(name: str, positives: Sequence[ImageSource] | str | os.PathLike,
+               negatives: Sequence[ImageSource] | str | os.PathLike, backbone: Backbone, *,
+               program: str | None = None, description: str = "", options: TrainOptions = TrainOptions(),
+               progress: Progress | None = None) -> TrainResult:
+    """Train a head recognising `positives` (screens of one program) against `negatives` (screens of others).
+
+    positives/negatives: a folder, or a list of image paths and/or image bytes. Blocking; CPU-heavy.
+    """
+    options.check()
+    pos = read_images(positives, "positives")
+    neg = read_images(negatives, "negatives")
+    for role, images in (("positive", pos), ("negative", neg)):
+        if len(images) < 2:
+            raise TrainingError(f"only {len(images)} {role} image(s): a head needs at least 2 screenshots of "
+                                f"its program and 2 of other programs (one of each is kept for validation)")
+    overlap = {im.sha256 for im in pos} & {im.sha256 for im in neg}
+    if overlap:
+        both = next(im.label for im in pos if im.sha256 in overlap)
+        raise TrainingError(f"{both}: the same image is among both positives and negatives")
+    images = pos + neg
+    labels = np.array([1] * len(pos) + [0] * len(neg))
+    train_idx, val_idx = split(labels, options.val_fraction, options.seed)
+    cache = FeatureCache(options.cache_dir, backbone)
+    variants = 1 + (options.copies if options.augment else 0)
+    # Train images get their augmented copies; validation images are judged as they are.
+    train_feats = features([images[i] for i in train_idx], variants, backbone, cache, progress)
+    val_feats = features([images[i] for i in val_idx], 1, backbone, cache, progress)[:, 0]
+    x = train_feats.reshape(-1, train_feats.shape[-1])
+    y = np.repeat(labels[train_idx], variants)
+    if progress:
+        progress("fit", 0, 1)
+    tensors = _fit(x, y, options)
+    kind = "mlp" if options.mlp else "logistic"
+    provisional = make_head(name, program or name, kind, tensors, backbone.spec, threshold=0.5)
+    val_scores = provisional.scores(val_feats)
+    threshold = pick_threshold(val_scores[labels[val_idx] == 1], val_scores[labels[val_idx] == 0],
+                               options.target_far)
+    metrics = evaluate(val_scores, labels[val_idx], threshold)
+    metrics.update({"threshold": round(threshold, 6), "target_far": options.target_far, "kind": kind,
+                    "augmented_copies": variants - 1, "train_positives": int((labels[train_idx] == 1).sum()),
+                    "train_negatives": int((labels[train_idx] == 0).sum()),
+                    "val_positives": int((labels[val_idx] == 1).sum()),
+                    "val_negatives": int((labels[val_idx] == 0).sum()), "seed": options.seed})
+    if progress:
+        progress("fit", 1, 1)
+    head = provisional.replace(threshold=threshold, description=description, metrics=metrics)
+    logger.info("trained head %s: %s", name, metrics)
+    return TrainResult(head, metrics)
+
+
+def register(subparsers) -> None:
+    """Add the `train-head` sub-command (proctor.models.commands calls this); it lives in train_command."""
+    from proctor.models import train_command
+
+    train_command.register(subparsers)
+
+
+__all__ = ["FeatureCache", "read_images", "TrainOptions", "TrainResult", "TrainingError", "augment", "evaluate", "features",
+           "list_images", "pick_threshold", "split", "train_head"]

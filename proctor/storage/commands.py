@@ -1,0 +1,300 @@
+"""`proctor init`, `proctor users ...` and `proctor purge`: the database from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import datetime as dt
+import importlib
+import inspect
+import io
+import logging
+import os
+import re
+import sys
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from proctor import config as config_module
+from proctor.cli import CommandError
+from proctor.passwords import WeakPassword, check_strength, generate_password, hash_password
+from proctor.storage import open_store, sqlite_path
+from proctor.storage import validate as v
+from proctor.storage.base import ROLES, Conflict, InvalidData, NotFound, Store, StoreError
+
+logger = logging.getLogger(__name__)
+
+_DEMO_HEADS_MODULE = "proctor.models.demo"
+_AGE = re.compile(r"^(\d+)([hdw])$")
+_AGE_UNITS = {"h": "hours", "d": "days", "w": "weeks"}
+_ROSTER_COLUMNS = ("username", "full_name", "role")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    init = subparsers.add_parser("init", help="create or upgrade the database schema and the first admin")
+    _database_flag(init)
+    init.add_argument("--admin-username", default="admin", help="name of the first admin (default admin)")
+    init.add_argument("--admin-password", default=None,
+                      help="the first admin's password (env PROCTOR_ADMIN_PASSWORD; generated and printed "
+                           "once when neither is given)")
+    init.set_defaults(func=_sync(_init))
+
+    users = subparsers.add_parser("users", help="add, list, deactivate or import users")
+    actions = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")
+    add = actions.add_parser("add", help="add one user (password generated and printed when not given)")
+    _database_flag(add)
+    add.add_argument("username")
+    add.add_argument("--role", required=True, choices=ROLES)
+    add.add_argument("--full-name", default="")
+    add.add_argument("--password", default=None)
+    add.set_defaults(func=_sync(_users_add))
+    listing = actions.add_parser("list", help="list users")
+    _database_flag(listing)
+    listing.add_argument("--role", choices=ROLES, default=None)
+    listing.set_defaults(func=_sync(_users_list))
+    deactivate = actions.add_parser("deactivate", help="stop a user from logging in (the data stays)")
+    _database_flag(deactivate)
+    deactivate.add_argument("username")
+    deactivate.set_defaults(func=_sync(_users_deactivate))
+    imp = actions.add_parser("import", help="add users from a CSV roster with columns "
+                                            "username,full_name,role; prints their generated passwords")
+    _database_flag(imp)
+    imp.add_argument("roster", type=Path)
+    imp.set_defaults(func=_sync(_users_import))
+
+    purge = subparsers.add_parser("purge", help="delete evidence and events of exams ended long ago")
+    _database_flag(purge)
+    purge.add_argument("--older-than", required=True, metavar="AGE",
+                       help="exams ended more than AGE ago: Nh, Nd or Nw (e.g. 30d)")
+    purge.set_defaults(func=_sync(_purge))
+
+
+def _database_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--database-url", default=None, metavar="URL",
+                        help="sqlite:///path or postgresql://... (env PROCTOR_DATABASE_URL; "
+                             f"default {config_module.Config.database_url})")
+
+
+def _sync(command: Callable[[argparse.Namespace], Awaitable[int]]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        return asyncio.run(command(args))
+    run.__name__ = command.__name__
+    return run
+
+
+def _database_url(args: argparse.Namespace) -> str:
+    try:
+        return config_module.from_sources(argparse.Namespace(database_url=args.database_url)).database_url
+    except config_module.ConfigError as exc:
+        raise CommandError(str(exc)) from None
+
+
+@asynccontextmanager
+async def _store(args: argparse.Namespace, *, migrate: bool = False) -> AsyncIterator[Store]:
+    """Open the store; every StoreError inside becomes a CommandError with the store's message."""
+    url = _database_url(args)
+    if not migrate and url.startswith("sqlite:///") and not sqlite_path(url).exists():
+        raise CommandError(f"no database at {sqlite_path(url)}: run `proctor init` first")
+    try:
+        store = await open_store(url)
+    except StoreError as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        if migrate:
+            applied = await store.migrate()
+            print(f"schema: applied migration(s) {', '.join(map(str, applied))}" if applied
+                  else "schema: up to date")
+        elif await store.pending_migrations():
+            raise CommandError(f"the database at {_redacted(url)} is not initialised or is out of date: "
+                               "run `proctor init` first")
+        yield store
+    except StoreError as exc:
+        raise CommandError(str(exc)) from None
+    finally:
+        await store.close()
+
+
+def _redacted(url: str) -> str:
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+def _chosen_password(given: str | None, what: str) -> tuple[str, bool]:
+    """(password, generated): a given one must pass the strength check, else one is generated."""
+    if given is None:
+        return generate_password(), True
+    try:
+        check_strength(given)
+    except WeakPassword as exc:
+        raise CommandError(f"{what}: {exc}") from None
+    return given, False
+
+
+# init ------------------------------------------------------------------------------------------------
+
+async def _init(args: argparse.Namespace) -> int:
+    async with _store(args, migrate=True) as store:
+        admins = [u for u in await store.list_users("admin") if u.active]
+        given = args.admin_password or os.environ.get("PROCTOR_ADMIN_PASSWORD") or None
+        if admins:
+            print(f"admin: {', '.join(u.username for u in admins)} already exist(s); no admin created")
+            if given:
+                print("note: the admin password given was NOT applied (the admin exists already)",
+                      file=sys.stderr)
+        else:
+            password, generated = _chosen_password(given, "admin password")
+            try:
+                admin = await store.create_user(args.admin_username, "Administrator", "admin",
+                                                hash_password(password))
+            except Conflict:
+                raise CommandError(f"user {args.admin_username!r} exists but is not an active admin: "
+                                   "choose another --admin-username") from None
+            await store.audit(None, "user_added", admin.username, {"role": "admin", "by": "init"})
+            if generated:
+                print(f"created admin {admin.username!r} with password: {password}")
+                print("  (shown only this once: store it safely, or set a new one with "
+                      "--admin-password next time on a fresh database)")
+            else:
+                print(f"created admin {admin.username!r} with the password given")
+        await register_demo_heads(store)
+    return 0
+
+
+async def register_demo_heads(store: Store) -> None:
+    """Let the model code add its demo heads at init, when it ships them (proctor.models.demo).
+
+    `register_demo_heads(store)` there (sync or async) must be idempotent: init runs on every `make run`.
+    """
+    try:
+        module = importlib.import_module(_DEMO_HEADS_MODULE)
+    except ModuleNotFoundError as exc:
+        if exc.name != _DEMO_HEADS_MODULE:
+            raise
+        return
+    result: Any = module.register_demo_heads(store)
+    if inspect.isawaitable(result):
+        await result
+
+
+# users -----------------------------------------------------------------------------------------------
+
+async def _users_add(args: argparse.Namespace) -> int:
+    password, generated = _chosen_password(args.password, f"password of {args.username!r}")
+    async with _store(args) as store:
+        try:
+            user = await store.create_user(args.username, args.full_name, args.role, hash_password(password))
+        except Conflict:
+            raise CommandError(f"username {args.username!r} already exists") from None
+        await store.audit(None, "user_added", user.username, {"role": user.role, "by": "cli"})
+    print(f"added {user.role} {user.username!r}" + (f" with password: {password}" if generated else ""))
+    return 0
+
+
+async def _users_list(args: argparse.Namespace) -> int:
+    async with _store(args) as store:
+        users = await store.list_users(args.role)
+    rows = [("USERNAME", "ROLE", "ACTIVE", "FULL NAME")]
+    rows += [(u.username, u.role, "yes" if u.active else "no", u.full_name) for u in users]
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print(f"{r[0]:<{width[0]}}  {r[1]:<{width[1]}}  {r[2]:<{width[2]}}  {r[3]}".rstrip())
+    return 0
+
+
+async def _users_deactivate(args: argparse.Namespace) -> int:
+    async with _store(args) as store:
+        try:
+            user = await store.get_user_by_name(args.username)
+        except NotFound as exc:
+            raise CommandError(str(exc)) from None
+        if user.role == "admin" and user.active:
+            others = [u for u in await store.list_users("admin") if u.active and u.id != user.id]
+            if not others:
+                raise CommandError(f"{user.username!r} is the last active admin: add another admin first")
+        await store.set_user_active(user.id, False)
+        await store.audit(None, "user_deactivated", user.username, {"by": "cli"})
+    print(f"deactivated {user.username!r}")
+    return 0
+
+
+def _read_roster(path: Path) -> list[tuple[int, str, str, str]]:
+    """(line, username, full_name, role) for each row; every bad row is reported, naming its line."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise CommandError(f"cannot read roster {str(path)!r}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise CommandError(f"roster {str(path)!r} is not UTF-8 text: {exc}") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    if header[:3] != list(_ROSTER_COLUMNS):
+        raise CommandError(f"{path}: line 1: the header must be {','.join(_ROSTER_COLUMNS)} "
+                           f"(found {','.join(header) or 'nothing'})")
+    reader.fieldnames = header
+    rows, errors, seen = [], [], {}
+    for record in reader:
+        line = reader.line_num
+        username = (record.get("username") or "").strip()
+        full_name = (record.get("full_name") or "").strip()
+        role = (record.get("role") or "").strip().lower()
+        try:
+            if None in record or record.get("role") is None:
+                raise InvalidData(f"expected {len(header)} columns")
+            v.username(username)
+            v.role(role)
+            v.text("full name", full_name, max_length=200, allow_empty=True)
+            if username in seen:
+                raise InvalidData(f"username {username!r} is also on line {seen[username]}")
+        except InvalidData as exc:
+            errors.append(f"{path}: line {line}: {exc}")
+            continue
+        seen[username] = line
+        rows.append((line, username, full_name, role))
+    if errors:
+        more = f"\n... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise CommandError("roster refused, no user was added:\n" + "\n".join(errors[:20]) + more)
+    if not rows:
+        raise CommandError(f"{path}: no users in the roster")
+    return rows
+
+
+async def _users_import(args: argparse.Namespace) -> int:
+    rows = _read_roster(args.roster)
+    async with _store(args) as store:
+        existing = {u.username for u in await store.list_users()}
+        created: list[tuple[str, str, str, str]] = []
+        for line, username, full_name, role in rows:
+            if username in existing:
+                print(f"{args.roster}: line {line}: {username!r} exists already, skipped", file=sys.stderr)
+                continue
+            password = generate_password()
+            await store.create_user(username, full_name, role, hash_password(password))
+            created.append((username, full_name, role, password))
+        await store.audit(None, "users_imported", str(args.roster), {"added": len(created)})
+    # The passwords are shown this once, as CSV, so they can be printed or mailed to each user.
+    out = csv.writer(sys.stdout, lineterminator="\n")
+    out.writerow(("username", "full_name", "role", "password"))
+    out.writerows(created)
+    print(f"imported {len(created)} user(s), skipped {len(rows) - len(created)}", file=sys.stderr)
+    return 0
+
+
+# purge -----------------------------------------------------------------------------------------------
+
+def parse_age(text: str) -> dt.timedelta:
+    """'30d', '12h', '2w' -> timedelta."""
+    match = _AGE.match(text.strip())
+    if match is None or int(match.group(1)) == 0:
+        raise CommandError(f"invalid --older-than {text!r}: use a positive number followed by h, d or w "
+                           "(e.g. 30d)")
+    return dt.timedelta(**{_AGE_UNITS[match.group(2)]: int(match.group(1))})
+
+
+async def _purge(args: argparse.Namespace) -> int:
+    age = parse_age(args.older_than)
+    async with _store(args) as store:
+        report = await store.purge(age)
+    print(f"purged exams ended more than {args.older_than} ago: {report.exams} exam(s), "
+          f"{report.alerts} alert(s) with evidence, {report.events} session event(s)")
+    return 0

@@ -1,0 +1,206 @@
+"""The engine: runtimes agree, one backbone pass per group per batch, atomic head swaps, refusals, bad input."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from proctor.config import Config
+from proctor.models import backbone as bb
+from proctor.models.engine import Engine, EngineError
+from proctor.models.heads import make_head
+from proctor.models.interface import Preprocessing
+from proctor.models.keras_import import read_keras_model
+from keras_reference import flatten_dense_top, keras_forward, keras_weights, write_h5
+
+SMALL = Preprocessing(width=64, height=36)
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return bb.random_backbone(seed=0, preprocessing=SMALL)
+
+
+@pytest.fixture(scope="module")
+def onnx_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("onnx-cache")
+
+
+@pytest.fixture(scope="module")
+def onnx_engine(backbone, onnx_cache):
+    return Engine(bb.BackboneLibrary([backbone]), device="cpu", runtime="onnx", cache_dir=onnx_cache)
+
+
+@pytest.fixture(scope="module")
+def torch_engine(backbone):
+    return Engine(bb.BackboneLibrary([backbone]), device="cpu", runtime="torch")
+
+
+def _heads(spec, count, seed=0, prefix="h"):
+    rng = np.random.default_rng(seed)
+    return [make_head(f"{prefix}{i}", f"Program {i}", "logistic",
+                      {"weight": rng.standard_normal((1, 1280)) * 0.05, "bias": [rng.standard_normal() * 0.1]}, spec)
+            for i in range(count)]
+
+
+def _frames(count, seed=0, size=(64, 36)):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8) for _ in range(count)]
+
+
+def test_onnx_and_torch_runtimes_agree(onnx_engine, torch_engine, backbone):
+    heads = _heads(backbone.spec, 5)
+    onnx_engine.set_heads(heads)
+    torch_engine.set_heads(heads)
+    frames = _frames(6)
+    a, b = onnx_engine.classify(frames), torch_engine.classify(frames)
+    assert a.values.shape == (6, 5) and [h.name for h in a.heads] == [f"h{i}" for i in range(5)]
+    np.testing.assert_allclose(a.values, b.values, atol=1e-4)
+    np.testing.assert_allclose(onnx_engine.features(frames), backbone.extract(frames), rtol=1e-3, atol=1e-3)
+    assert a.values.std() > 0.01  # the comparison means something: scores vary
+
+
+def test_backbone_runs_once_per_batch_whatever_the_number_of_heads(onnx_engine, backbone):
+    calls = {}
+    for count in (1, 20):
+        onnx_engine.set_heads(_heads(backbone.spec, count))
+        before = onnx_engine.backbone_calls
+        scores = onnx_engine.classify(_frames(8))
+        calls[count] = onnx_engine.backbone_calls - before
+        assert scores.values.shape == (8, count)
+    assert calls == {1: 1, 20: 1}
+
+
+def test_onnx_graph_is_cached_by_hash_and_size(onnx_engine, onnx_cache, backbone):
+    onnx_engine.set_heads(_heads(backbone.spec, 1))
+    files = list(onnx_cache.glob("*.onnx"))
+    assert [f.name for f in files] == [f"backbone-{backbone.weights_hash}-64x36-avg.onnx"]
+    stamp = files[0].stat().st_mtime_ns
+    Engine(bb.BackboneLibrary([backbone]), device="cpu", runtime="onnx", cache_dir=onnx_cache).set_heads(
+        _heads(backbone.spec, 1))
+    assert files[0].stat().st_mtime_ns == stamp
+
+
+def test_head_swap_is_atomic(torch_engine, backbone):
+    set_a = _heads(backbone.spec, 3, seed=1, prefix="a")
+    set_b = _heads(backbone.spec, 7, seed=2, prefix="b")
+    frame = _frames(1, seed=3)
+    expected = {}
+    for heads in (set_a, set_b):
+        torch_engine.set_heads(heads)
+        expected.update(torch_engine.classify(frame).row(0))
+    stop = threading.Event()
+    seen, problems = set(), []
+
+    def swap():
+        while not stop.is_set():
+            torch_engine.set_heads(set_a)
+            time.sleep(0.001)  # lets the classifying thread have the GIL between swaps
+            torch_engine.set_heads(set_b)
+            time.sleep(0.001)
+
+    swapper = threading.Thread(target=swap)
+    swapper.start()
+    try:
+        for _ in range(40):
+            scores = torch_engine.classify(frame)
+            names = tuple(h.name for h in scores.heads)
+            seen.add(names)
+            if names not in ((tuple(h.name for h in set_a)), tuple(h.name for h in set_b)):
+                problems.append(names)
+            for name, value in scores.row(0).items():
+                if abs(value - expected[name]) > 1e-5:
+                    problems.append((name, value, expected[name]))
+    finally:
+        stop.set()
+        swapper.join()
+    assert problems == []
+    assert len(seen) == 2  # both sets were really seen mid-swap
+
+
+def test_foreign_backbone_head_is_refused(torch_engine, backbone):
+    ours = _heads(backbone.spec, 2)
+    foreign = _heads(bb.BackboneSpec("ef" * 32, SMALL), 1, prefix="foreign")
+    with pytest.raises(EngineError, match=r"head 'foreign0' was made for backbone efefefefefef, which this server"):
+        torch_engine.set_heads(ours + foreign, strict=True)
+    refused = torch_engine.set_heads(ours + foreign + [b"not a head file"])
+    assert [h.name for h in torch_engine.heads] == ["h0", "h1"]
+    assert len(refused) == 2 and "foreign0" in refused[0] and "not a safetensors file" in refused[1]
+
+
+def test_groups_of_other_backbones_and_sizes(backbone, tmp_path):
+    """A head imported from Keras keeps its backbone and input size: two groups, two backbone passes."""
+    weights = keras_weights(seed=4)
+    rng = np.random.default_rng(0)
+    dense = {"kernel": (rng.standard_normal((2 * 3 * 1280, 2)) * 0.01).astype(np.float32),
+             "bias": np.array([0.1, 0.0], np.float32)}
+    path = write_h5(tmp_path / "old.h5", weights, version=2, height=40, width=72,
+                    top=flatten_dense_top(2, "softmax"), top_weights={"dense": dense})
+    imported = read_keras_model(path, name="old")
+    library = bb.BackboneLibrary([backbone], tmp_path / "backbones")
+    library.install(imported.backbone)
+    engine = Engine(bb.BackboneLibrary([backbone], tmp_path / "backbones"), device="cpu", runtime="onnx",
+                    cache_dir=tmp_path / "cache")
+    engine.set_heads([imported.head] + _heads(backbone.spec, 3))
+    assert engine.frame_size == (72, 40)  # the largest input among the groups
+    frames = _frames(2, size=(72, 40))
+    before = engine.backbone_calls
+    scores = engine.classify(frames)
+    assert engine.backbone_calls - before == 2 and scores.values.shape == (2, 4)
+    reference = keras_forward(weights, np.stack(frames) / 255.0).reshape(2, -1)
+    logits = reference @ dense["kernel"] + dense["bias"]
+    np.testing.assert_allclose(scores.values[:, 0], 1 / (1 + np.exp(logits[:, 1] - logits[:, 0])), atol=1e-3)
+    assert engine.describe()["groups"][0]["input"] == "72x40"
+
+
+def test_frames_of_other_sizes_are_resized(torch_engine, backbone):
+    torch_engine.set_heads(_heads(backbone.spec, 4))
+    small = np.full((36, 64, 3), (30, 120, 200), np.uint8)
+    large = np.full((720, 1280, 3), (30, 120, 200), np.uint8)
+    odd = np.full((50, 33, 3), (30, 120, 200), np.uint8)
+    scores = torch_engine.classify([small, large, odd])
+    np.testing.assert_allclose(scores.values[1], scores.values[0], atol=1e-5)
+    np.testing.assert_allclose(scores.values[2], scores.values[0], atol=1e-5)
+    alone = torch_engine.classify([large])  # all frames the same (wrong) size: resized as a batch
+    np.testing.assert_allclose(alone.values[0], scores.values[0], atol=1e-5)
+
+
+def test_bad_inputs(torch_engine, backbone):
+    torch_engine.set_heads(_heads(backbone.spec, 2))
+    assert torch_engine.classify([]).values.shape == (0, 2)
+    with pytest.raises(ValueError, match="frame 1: expected an HxWx3 uint8 RGB array"):
+        torch_engine.classify([_frames(1)[0], np.zeros((36, 64, 3), np.float64)])
+    with pytest.raises(EngineError, match="runtime='tensorrt'"):
+        Engine(bb.BackboneLibrary([backbone]), runtime="tensorrt")
+    with pytest.raises(EngineError, match="device='tpu'"):
+        Engine(bb.BackboneLibrary([backbone]), device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(EngineError, match="device='cuda': torch sees no CUDA GPU"):
+            Engine(bb.BackboneLibrary([backbone]), device="cuda")
+
+
+def test_no_heads_means_no_backbone_pass(backbone):
+    engine = Engine(bb.BackboneLibrary([backbone]), device="cpu", runtime="torch")
+    scores = engine.classify(_frames(3))
+    assert scores.values.shape == (3, 0) and engine.backbone_calls == 0
+    assert engine.frame_size == (64, 36) and engine.heads == ()
+
+
+def test_from_config_uses_the_configured_weights_and_cache(backbone, tmp_path):
+    weights = backbone.save(tmp_path / "weights.pt")
+    config = Config(data_dir=str(tmp_path / "var"), backbone_weights=str(weights), device="cpu")
+    engine = Engine.from_config(config)
+    assert engine.runtime == "onnx" and engine.backbone.weights_hash == backbone.weights_hash
+    engine.set_heads(_heads(backbone.spec, 1))
+    assert list((tmp_path / "var" / "cache").glob("*.onnx"))
+    assert engine.describe()["runtime"] == "onnx"
+
+
+def test_random_engine_for_other_tests():
+    engine = Engine.random(seed=3, width=48, height=32)
+    engine.set_heads(_heads(engine.backbone, 2))
+    assert engine.classify(_frames(2, size=(48, 32))).values.shape == (2, 2)

@@ -1,0 +1,236 @@
+"""Training heads: a real head on captured screenshots judged on held-out ones, and every bad input."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from proctor import cli
+from proctor.models import training
+from proctor.models.backbone import load_backbone, random_backbone
+from proctor.models.demo import demo_head_files, register_demo_heads
+from proctor.models.heads import read_head_file
+from proctor.models.interface import Preprocessing
+from proctor.models.training import TrainingError, TrainOptions, train_head
+
+ROOT = Path(__file__).resolve().parents[1]
+SCREENS = ROOT / "data" / "screens"
+HELDOUT = ROOT / "data" / "screens-heldout"
+SMALL = Preprocessing(width=64, height=48)
+
+
+def _manifest(base: Path) -> list[dict]:
+    with (base / "MANIFEST.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def _pick(base: Path, program: str | None, per_resolution: int, exclude: str | None = None) -> list[Path]:
+    """The first `per_resolution` shots of each screen resolution, of one program or of all but one."""
+    counts: dict[tuple[str, str], int] = {}
+    chosen = []
+    for row in _manifest(base):
+        if (program and row["program"] != program) or (exclude and row["program"] == exclude):
+            continue
+        key = (row["program"], row["resolution"])
+        if counts.get(key, 0) < per_resolution:
+            counts[key] = counts.get(key, 0) + 1
+            chosen.append(base.parent / row["file"])
+    return chosen
+
+
+@pytest.fixture(scope="module")
+def bundled(tmp_path_factory):
+    return load_backbone("bundled", tmp_path_factory.mktemp("backbone-cache"))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return random_backbone(0, SMALL)
+
+
+def _png(color: tuple[int, int, int], size=(80, 60), stripe: bool = False) -> bytes:
+    img = Image.new("RGB", size, color)
+    if stripe:
+        img.paste((255 - color[0], 255 - color[1], 255 - color[2]), (0, 0, size[0], size[1] // 3))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.slow
+def test_head_separates_heldout_screens_of_its_program(bundled, tmp_path):
+    program = "gnumeric"
+    positives = _pick(SCREENS, program, 2)
+    negatives = _pick(SCREENS, None, 1, exclude=program)
+    result = train_head(program, positives, negatives, bundled,
+                        options=TrainOptions(copies=1, cache_dir=tmp_path / "features"))
+    head = result.head
+    assert 0 < head.threshold < 1 and head.metrics["train_positives"] >= 3
+
+    # Other files, other screen resolutions: none of these was seen in training.
+    held_pos = _pick(HELDOUT, program, 3)
+    held_neg = _pick(HELDOUT, None, 1, exclude=program)
+    images = training.read_images(held_pos + held_neg)
+    cache = training.FeatureCache(tmp_path / "features", bundled)
+    scores = head.scores(training.features(images, 1, bundled, cache)[:, 0])
+    labels = np.array([1] * len(held_pos) + [0] * len(held_neg))
+    metrics = training.evaluate(scores, labels, head.threshold)
+    assert metrics["balanced_accuracy"] >= 0.9, metrics
+    assert scores[labels == 1].mean() > scores[labels == 0].mean() + 0.5
+
+
+def test_training_reuses_cached_features(tiny, tmp_path, monkeypatch):
+    pos = [_png((200, 30, 30), stripe=True), _png((210, 40, 20), stripe=True), _png((190, 20, 40), stripe=True)]
+    neg = [_png((20, 30, 200)), _png((30, 40, 210)), _png((40, 20, 190))]
+    options = TrainOptions(copies=2, cache_dir=tmp_path / "cache")
+    first = train_head("red", pos, neg, tiny, options=options)
+    calls = []
+    real = tiny.extract
+    monkeypatch.setattr(tiny, "extract", lambda frames, **kw: calls.append(len(frames)) or real(frames, **kw))
+    progress = []
+    second = train_head("red", pos, neg, tiny, options=options, progress=lambda *a: progress.append(a))
+    assert calls == []  # every (image, variant) came from the cache
+    assert second.metrics == first.metrics
+    assert ("features", 0, 0) not in progress and progress[-1] == ("fit", 1, 1)
+    assert second.metrics["val_positives"] == 1 and second.metrics["train_positives"] == 2
+
+
+def test_mlp_head_and_file_round_trip(tiny, tmp_path):
+    pos = [_png((200, 30, 30), stripe=True) for _ in range(1)] + [_png((220, 10, 10), stripe=True),
+                                                                   _png((180, 50, 30), stripe=True)]
+    neg = [_png((20, 30, 200)), _png((30, 40, 210)), _png((40, 20, 190))]
+    result = train_head("red-mlp", pos, neg, tiny, program="Red", options=TrainOptions(mlp=True, copies=1, hidden=8))
+    assert result.head.kind == "mlp" and result.head.program == "Red"
+    again = read_head_file(result.head.to_bytes())
+    assert again.threshold == result.head.threshold and again.metrics["kind"] == "mlp"
+
+
+def test_augment_is_deterministic_and_keeps_size():
+    img = Image.new("RGB", (320, 180), (250, 250, 250))
+    a, b = training.augment(img, 7), training.augment(img, 7)
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert any(not np.array_equal(np.asarray(a), np.asarray(training.augment(img, s))) for s in range(8, 12))
+
+
+def test_split_is_stratified_and_seeded():
+    labels = np.array([1] * 8 + [0] * 40)
+    train, val = training.split(labels, 0.25, seed=3)
+    assert set(train) | set(val) == set(range(48)) and not set(train) & set(val)
+    assert labels[val].sum() == 2 and (labels[val] == 0).sum() == 10
+    assert np.array_equal(val, training.split(labels, 0.25, seed=3)[1])
+    assert not np.array_equal(val, training.split(labels, 0.25, seed=4)[1])
+
+
+def test_threshold_keeps_positives_and_leaves_margin():
+    pos = np.array([0.6, 0.8, 0.9, 0.95])
+    neg = np.array([0.01, 0.1, 0.2])
+    t = training.pick_threshold(pos, neg, 0.01)
+    assert 0.2 < t < 0.6
+    # With 1 miss allowed in 10 positives, the lowest one may fall below the threshold.
+    pos10 = np.array([0.05] + [0.9] * 9)
+    assert 0.05 < training.pick_threshold(pos10, np.array([0.01]), 0.1) < 0.9
+
+
+def test_not_an_image_names_the_file(tiny, tmp_path):
+    folder = tmp_path / "pos"
+    folder.mkdir()
+    for i in range(2):
+        (folder / f"{i}.png").write_bytes(_png((200, 0, 0)))
+    (folder / "broken.jpg").write_bytes(b"this is not a jpeg")
+    neg = [_png((0, 0, 200)), _png((0, 0, 180))]
+    with pytest.raises(TrainingError, match=r"broken\.jpg: not an image"):
+        train_head("x", folder, neg, tiny, options=TrainOptions(augment=False))
+
+
+def test_non_image_file_in_folder_is_named(tmp_path, tiny):
+    (tmp_path / "a.png").write_bytes(_png((1, 2, 3)))
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(TrainingError, match=r"notes\.txt is not an image file"):
+        train_head("x", tmp_path, [_png((0, 0, 1))] * 2, tiny)
+
+
+def test_empty_and_missing_folders_are_named(tmp_path, tiny):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(TrainingError, match=r"positives folder .*empty: is empty"):
+        train_head("x", empty, [_png((0, 0, 1))] * 2, tiny)
+    with pytest.raises(TrainingError, match=r"negatives folder .*nowhere: does not exist"):
+        train_head("x", [_png((1, 0, 0))] * 2, tmp_path / "nowhere", tiny)
+
+
+def test_single_class_is_refused(tiny):
+    pos = [_png((200, 0, 0)), _png((190, 0, 0))]
+    with pytest.raises(TrainingError, match=r"only 0 negative image"):
+        train_head("x", pos, [], tiny)
+    with pytest.raises(TrainingError, match=r"only 1 positive image"):
+        train_head("x", pos[:1], [_png((0, 0, 200)), _png((0, 0, 190))], tiny)
+
+
+def test_same_image_in_both_classes_is_refused(tiny):
+    same = _png((100, 100, 100))
+    with pytest.raises(TrainingError, match="among both positives and negatives"):
+        train_head("x", [same, _png((200, 0, 0))], [same, _png((0, 0, 200))], tiny)
+
+
+def test_bad_options_are_refused(tiny):
+    with pytest.raises(TrainingError, match="target false-alarm rate 0.7"):
+        train_head("x", [b"a"], [b"b"], tiny, options=TrainOptions(target_far=0.7))
+
+
+def test_train_head_command(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("PROCTOR_BACKBONE_WEIGHTS", raising=False)
+    # Only the models' commands, where train-head is registered: the other areas are tested on their own.
+    monkeypatch.setattr(cli, "_COMMAND_MODULES", ("proctor.models.commands",))
+    weights = random_backbone(1, SMALL).save(tmp_path / "bb.pt")
+    pos, neg = tmp_path / "pos", tmp_path / "neg"
+    pos.mkdir(), neg.mkdir()
+    for i in range(3):
+        (pos / f"{i}.png").write_bytes(_png((200, 20 * i, 0), stripe=True))
+        (neg / f"{i}.png").write_bytes(_png((0, 20 * i, 200)))
+    out = tmp_path / "heads" / "red.safetensors"
+    code = cli.main(["train-head", "red", "--positives", str(pos), "--negatives", str(neg), "--out", str(out),
+                     "--program", "Red screen", "--backbone-weights", str(weights), "--data-dir",
+                     str(tmp_path / "var"), "--target-far", "0.05"])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    head = read_head_file(out)
+    assert head.program == "Red screen" and printed["threshold"] == round(head.threshold, 6)
+    assert printed["target_far"] == 0.05 and printed["file"] == str(out)
+    assert any((tmp_path / "var" / "cache" / "features").rglob("*.npy"))
+
+    code = cli.main(["train-head", "red", "--positives", str(tmp_path / "nope"), "--negatives", str(neg),
+                     "--backbone-weights", str(weights), "--data-dir", str(tmp_path / "var")])
+    err = capsys.readouterr().err
+    assert code == 2 and "nope: does not exist" in err and "Traceback" not in err
+
+
+class _FakeStore:
+    def __init__(self, names=()):
+        self.heads = {n: object() for n in names}
+
+    async def list_heads(self, active_only: bool = False):
+        return list(self.heads.values())
+
+    async def add_head(self, record):
+        self.heads[record.name] = record
+        return record
+
+
+async def test_register_demo_heads_only_into_an_empty_store():
+    files = demo_head_files()
+    assert len(files) >= 4
+    store = _FakeStore()
+    added = await register_demo_heads(store)
+    assert sorted(added) == sorted(read_head_file(f).name for f in files)
+    first = read_head_file(files[0])
+    record = store.heads[first.name]
+    assert (record.program, record.backbone_hash, record.threshold) == (first.program, first.backbone_hash,
+                                                                        first.threshold)
+    assert await register_demo_heads(store) == []
+    assert await register_demo_heads(_FakeStore(["mine"])) == []
