@@ -181,6 +181,9 @@ async def test_forwarded_https_counts_only_from_a_trusted_proxy(aiohttp_client, 
     assert ("Secure" in resp.headers["Set-Cookie"]) is secure
     host = f"{client.server.host}:{client.server.port}"
     # Behind the proxy the browser's Origin is https://...; directly it is http://...
+    # (A Secure cookie is not sent over the test's plain http: hand it over as the proxy would.)
+    cookie = resp.cookies["proctor_session"].value
     status = await ws_status(client, f"/ws/exams/{hall.id}/stream",
-                             {"Origin": f"https://{host}", "X-Forwarded-Proto": "https"})
+                             {"Origin": f"https://{host}", "X-Forwarded-Proto": "https",
+                              "Cookie": f"proctor_session={cookie}"})
     assert status == (101 if secure else 403)
