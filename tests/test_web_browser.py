@@ -8,6 +8,7 @@ on a loopback port. Set PROCTOR_SAVE_SCREENSHOTS=1 to refresh docs/screenshots/.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import json
@@ -254,66 +255,58 @@ async def test_teacher_student_alert_review_export(display, server, tmp_path):
             await browser.close()
 
 
-async def test_window_share_is_refused_with_an_explanation(display, server, tmp_path):
-    """A share whose track says displaySurface=window is stopped before anything is sent."""
+@contextlib.asynccontextmanager
+async def _student_page(display: str, server: dict, exam_name: str, code: str, running: bool):
+    """student1 logged in, on the page of a new exam of teacher1 that lists them."""
     from playwright.async_api import async_playwright
 
-    base = server["url"]
     store = server["store"]
     teacher = await store.get_user_by_name("teacher1")
     student = await store.get_user_by_name("student1")
-    exam = await store.create_exam("Window test", teacher.id, ["editor"], "WINTEST2")
+    exam = await store.create_exam(exam_name, teacher.id, ["editor"], code)
     await store.add_to_roster(exam.id, student.id)
-    await store.set_exam_state(exam.id, "running")
+    if running:
+        await store.set_exam_state(exam.id, "running")
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=CHROMIUM, headless=False, args=CHROMIUM_ARGS,
                                           env={**os.environ, "DISPLAY": display}, timeout=60_000)
         try:
             page = await (await browser.new_context()).new_page()
-            await _login(page, base, "student1")
-            await page.goto(f"{base}/student/exams/{exam.id}")
-            # Make the real screen track report a window, as Chromium does when the student picks one.
-            await page.evaluate("""() => {
-                const real = navigator.mediaDevices.getDisplayMedia.bind(navigator.mediaDevices);
-                navigator.mediaDevices.getDisplayMedia = async (c) => {
-                    const stream = await real(c);
-                    const track = stream.getVideoTracks()[0];
-                    const settings = track.getSettings.bind(track);
-                    track.getSettings = () => ({...settings(), displaySurface: "window"});
-                    return stream;
-                };
-            }""")
-            await page.check("#consent-check")
-            await page.click("#share")
-            await page.wait_for_selector("#warning:not([hidden])")
-            assert "single window" in await page.inner_text("#warning")
-            assert "Entire screen" in await page.inner_text("#warning")
-            assert await page.evaluate("window.proctorStreamer.stats.framesSent") == 0
-            assert await page.evaluate("window.proctorStreamer.ws") is None
+            await _login(page, server["url"], "student1")
+            await page.goto(f"{server['url']}/student/exams/{exam.id}")
+            yield page, exam
         finally:
             await browser.close()
 
 
-async def test_student_who_shares_before_the_start_is_streaming_once_it_starts(display, server, tmp_path):
-    from playwright.async_api import async_playwright
+async def test_window_share_is_refused_with_an_explanation(display, server):
+    """A share whose track says displaySurface=window is stopped before anything is sent."""
+    async with _student_page(display, server, "Window test", "WINTEST2", running=True) as (page, _):
+        # Make the real screen track report a window, as Chromium does when the student picks one.
+        await page.evaluate("""() => {
+            const real = navigator.mediaDevices.getDisplayMedia.bind(navigator.mediaDevices);
+            navigator.mediaDevices.getDisplayMedia = async (c) => {
+                const stream = await real(c);
+                const track = stream.getVideoTracks()[0];
+                const settings = track.getSettings.bind(track);
+                track.getSettings = () => ({...settings(), displaySurface: "window"});
+                return stream;
+            };
+        }""")
+        await page.check("#consent-check")
+        await page.click("#share")
+        await page.wait_for_selector("#warning:not([hidden])")
+        assert "single window" in await page.inner_text("#warning")
+        assert "Entire screen" in await page.inner_text("#warning")
+        assert await page.evaluate("window.proctorStreamer.stats.framesSent") == 0
+        assert await page.evaluate("window.proctorStreamer.ws") is None
 
-    base, store = server["url"], server["store"]
-    teacher = await store.get_user_by_name("teacher1")
-    student = await store.get_user_by_name("student1")
-    exam = await store.create_exam("Early bird", teacher.id, ["editor"], "EARLY234")
-    await store.add_to_roster(exam.id, student.id)
-    async with async_playwright() as p:
-        browser = await p.chromium.launch(executable_path=CHROMIUM, headless=False, args=CHROMIUM_ARGS,
-                                          env={**os.environ, "DISPLAY": display}, timeout=60_000)
-        try:
-            page = await (await browser.new_context()).new_page()
-            await _login(page, base, "student1")
-            await page.goto(f"{base}/student/exams/{exam.id}")
-            await page.check("#consent-check")
-            await page.click("#share")
-            await page.wait_for_selector("#status-detail:has-text('has not started yet')", timeout=15_000)
-            await store.set_exam_state(exam.id, "running")
-            await page.wait_for_selector("#status[data-state=sharing]", timeout=20_000)
-            await _until(page, "() => window.proctorStreamer.stats.framesSent >= 1")
-        finally:
-            await browser.close()
+
+async def test_student_who_shares_before_the_start_is_streaming_once_it_starts(display, server):
+    async with _student_page(display, server, "Early bird", "EARLY234", running=False) as (page, exam):
+        await page.check("#consent-check")
+        await page.click("#share")
+        await page.wait_for_selector("#status-detail:has-text('has not started yet')", timeout=15_000)
+        await server["store"].set_exam_state(exam.id, "running")
+        await page.wait_for_selector("#status[data-state=sharing]", timeout=20_000)
+        await _until(page, "() => window.proctorStreamer.stats.framesSent >= 1")
