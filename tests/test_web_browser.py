@@ -162,6 +162,7 @@ async def test_teacher_student_alert_review_export(display, server, tmp_path):
             await teacher.fill("#exam-name", "Algebra midterm")
             await teacher.check("input[name=allowed_heads][value=editor]")
             await teacher.fill("#roster", "student1")
+            await _shot(teacher, "new-exam.png", tmp_path)
             await teacher.click("button:has-text('Create exam')")
             await teacher.wait_for_url("**/teacher/exams/*")
             exam_id = int(teacher.url.rstrip("/").split("/")[-1])
@@ -210,7 +211,9 @@ async def test_teacher_student_alert_review_export(display, server, tmp_path):
             await teacher.wait_for_selector(f"{row}[data-state=live]", timeout=20_000)
 
             # Open the alert: full frame, verdict and top scores; mark it reviewed with a note.
-            await teacher.click("#alerts li[data-alert-id]")
+            # More alerts may arrive meanwhile (a reconnect starts a new episode): pin this one by its id.
+            alert_id = await teacher.get_attribute("#alerts li[data-alert-id]", "data-alert-id")
+            await teacher.click(f"#alerts li[data-alert-id='{alert_id}']")
             await _until(teacher, "() => { const i = document.getElementById('ad-image');"
                                   " return i.complete && i.naturalWidth > 0; }")
             await teacher.wait_for_selector("#ad-scores tr")
@@ -220,7 +223,6 @@ async def test_teacher_student_alert_review_export(display, server, tmp_path):
             await teacher.fill("#ad-note", "Student had the exam page itself on screen")
             await teacher.click("#ad-save")
             await teacher.wait_for_selector("#ad-result[data-saved=reviewed]")
-            alert_id = await teacher.get_attribute("#alerts li[data-alert-id]", "data-alert-id")
 
             # The CSV export holds the reviewed alert.
             resp = await teacher.request.get(f"{base}/api/exams/{exam_id}/export.csv")
@@ -244,6 +246,7 @@ async def test_teacher_student_alert_review_export(display, server, tmp_path):
             await teacher.click("#end-exam")
             await teacher.wait_for_url(f"**/teacher/exams/{exam_id}/review")
             assert "reviewed" in await teacher.inner_text(f"#alert-{alert_id}")
+            await _shot(teacher, "review-page.png", tmp_path)
             await teacher.check("#filter-unreviewed")
             await teacher.click("button:has-text('Filter')")
             await teacher.wait_for_url("**unreviewed=1")
