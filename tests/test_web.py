@@ -8,15 +8,17 @@ import io
 import json
 import time
 import uuid
+from pathlib import Path
 
+import aiohttp
 import numpy as np
 import pytest
 import simplejpeg
 from aiohttp import web
 
 import proctor.web
-from proctor.appkeys import CONFIG_KEY, METRICS_KEY, STORE_KEY
-from proctor.config import Config
+from proctor.appkeys import CLASSIFIER_KEY, CONFIG_KEY, METRICS_KEY, STORE_KEY
+from proctor.config import Config, ConfigError
 from proctor.metrics import Metrics
 from proctor.passwords import hash_password
 from proctor.storage.base import Alert, SessionEvent
@@ -90,16 +92,22 @@ async def world(tmp_path):
     await store.close()
 
 
-@pytest.fixture
-async def client(aiohttp_client, world, tmp_path):
-    config = Config(data_dir=str(tmp_path), database_url=f"sqlite:///{tmp_path}/p.db")
+def make_app(world: World, tmp_path, config: Config | None = None, classifier=None) -> web.Application:
+    """The web part alone, as create_app wires it, with the WebSocket probe route."""
     app = web.Application()
-    app[CONFIG_KEY] = config
+    app[CONFIG_KEY] = config or Config(data_dir=str(tmp_path), database_url=f"sqlite:///{tmp_path}/p.db")
     app[METRICS_KEY] = Metrics()
     app[STORE_KEY] = world.store
+    if classifier is not None:
+        app[CLASSIFIER_KEY] = classifier
     proctor.web.setup(app)
     app.router.add_get("/ws/probe", ws_probe)
-    return await aiohttp_client(app)
+    return app
+
+
+@pytest.fixture
+async def client(aiohttp_client, world, tmp_path):
+    return await aiohttp_client(make_app(world, tmp_path))
 
 
 async def login(client, username: str, password: str = PASSWORD) -> str:
@@ -126,15 +134,6 @@ async def test_login_sets_httponly_lax_cookie_and_me_works(client):
     assert "Secure" not in cookie  # plain http here; Secure is set under TLS (next test)
     me = await client.get("/api/me")
     assert (await me.json())["user"]["role"] == "teacher"
-
-
-async def test_cookie_is_secure_under_tls(client):
-    resp = await client.post("/api/login", json={"username": "teach-a", "password": PASSWORD},
-                             headers={"X-Forwarded-Proto": "https"})
-    # Secure follows request.secure or config.tls; a proxy header alone must not be trusted.
-    assert "Secure" not in resp.headers["Set-Cookie"]
-    codec = client.app[auth.WEB_STATE_KEY].codec
-    assert codec.decode(resp.cookies[auth.COOKIE_NAME].value).user_id is not None
 
 
 async def test_wrong_password_and_unknown_user_get_the_same_401(client):
@@ -212,7 +211,9 @@ def test_secret_key_is_created_once_and_reused(tmp_path):
     assert len(key) >= 32
     assert auth.load_secret_key(None, str(tmp_path)) == key
     assert (tmp_path / "secret_key").stat().st_mode & 0o077 == 0
-    assert auth.load_secret_key("configured-key", str(tmp_path)) == b"configured-key"
+    assert auth.load_secret_key("configured-key-16+", str(tmp_path)) == b"configured-key-16+"
+    with pytest.raises(ConfigError, match="secret_key"):
+        auth.load_secret_key("short", str(tmp_path))
 
 
 async def test_logout_clears_cookie(client):
@@ -290,13 +291,8 @@ async def test_websocket_without_session_is_401(client):
 
 
 async def test_allowed_origins_from_config(aiohttp_client, world, tmp_path):
-    app = web.Application()
-    app[CONFIG_KEY] = Config(data_dir=str(tmp_path), allowed_origins=("https://proctor.school.example",))
-    app[METRICS_KEY] = Metrics()
-    app[STORE_KEY] = world.store
-    proctor.web.setup(app)
-    app.router.add_get("/ws/probe", ws_probe)
-    c = await aiohttp_client(app)
+    config = Config(data_dir=str(tmp_path), allowed_origins=("https://proctor.school.example",))
+    c = await aiohttp_client(make_app(world, tmp_path, config=config))
     await login(c, "teach-a")
     ws = await c.ws_connect("/ws/probe", headers={"Origin": "https://proctor.school.example"})
     await ws.close()
@@ -568,3 +564,77 @@ async def test_page_form_creates_exam(client, world):
     assert {u.username for u in await world.store.list_roster(chem.id)} == {"stud-a", "stud-b"}
     resp = await client.post("/teacher/exams", data=[("csrf_token", token), ("name", "Bad"), ("roster", "ghost")])
     assert resp.status == 400 and "ghost" in await resp.text()
+
+
+async def test_admin_forms_add_user_import_and_upload_head(client, world):
+    await login(client, "admin1")
+    token = _csrf_from(await (await client.get("/admin")).text())
+    resp = await client.post("/admin/users", data={"csrf_token": token, "username": "formuser",
+                                                   "full_name": "Form User", "role": "student", "password": ""})
+    html = await resp.text()
+    assert resp.status == 200 and "Created formuser. Their password is:" in html
+    form = aiohttp.FormData()
+    form.add_field("csrf_token", token)
+    form.add_field("file", b"username,full_name\ncsv1,From CSV\n", filename="roster.csv", content_type="text/csv")
+    resp = await client.post("/admin/users/import", data=form)
+    assert resp.status == 200 and "Imported 1 user(s)" in await resp.text()
+    form = aiohttp.FormData()
+    form.add_field("csrf_token", token)
+    form.add_field("file", head_file("excel", "Excel", "Spreadsheet"), filename="excel.safetensors")
+    resp = await client.post("/admin/heads", data=form)
+    assert resp.status == 200 and "Head excel (Excel) added" in await resp.text()
+    form = aiohttp.FormData()  # the same upload without the token is refused
+    form.add_field("file", head_file("word", "Word"), filename="word.safetensors")
+    resp = await client.post("/admin/heads", data=form)
+    assert resp.status == 403
+    resp = await client.post("/admin/heads/excel/deactivate", data={"csrf_token": token})
+    assert "Head excel is now inactive" in await resp.text()
+
+
+async def test_review_form_and_logout_form(client, world):
+    await login(client, "teach-a")
+    page = await client.get(f"/teacher/exams/{world.exam_a.id}/review")
+    token = _csrf_from(await page.text())
+    resp = await client.post(f"/teacher/alerts/{world.alert.id}/review",
+                             data={"csrf_token": token, "state": "false_positive", "note": "glare"},
+                             allow_redirects=False)
+    assert resp.status == 302 and resp.headers["Location"].endswith(f"/review#alert-{world.alert.id}")
+    assert (await world.store.get_alert(world.alert.id)).review_state == "false_positive"
+    resp = await client.post("/logout", data={"csrf_token": token}, allow_redirects=False)
+    assert resp.status == 302 and resp.headers["Location"] == "/login"
+    assert (await client.get("/api/me")).status == 401
+
+
+async def test_head_the_running_engine_cannot_load_is_refused_at_upload(aiohttp_client, world, tmp_path):
+    class Checker:
+        def check_head(self, head):
+            return f"head {head.name!r} was made for another backbone"
+
+    client = await aiohttp_client(make_app(world, tmp_path, classifier=Checker()))
+    token = await login(client, "admin1")
+    resp = await client.post("/api/heads?filename=odd.safetensors", data=head_file("odd", "Odd"),
+                             headers={"X-CSRF-Token": token, "Content-Type": "application/octet-stream"})
+    assert resp.status == 400
+    assert (await resp.json())["error"] == "odd.safetensors: head 'odd' was made for another backbone"
+    assert "odd" not in {h.name for h in await world.store.list_heads()}
+
+
+def test_openapi_file_lists_every_api_route_and_nothing_else(tmp_path):
+    yaml = pytest.importorskip("yaml")
+    spec = yaml.safe_load((Path(__file__).resolve().parent.parent / "docs" / "openapi.yaml").read_text())
+    documented = {(method.upper(), path) for path, ops in spec["paths"].items() for method in ops}
+    app = web.Application()
+    app[CONFIG_KEY] = Config(data_dir=str(tmp_path))
+    proctor.web.setup(app)
+    served = set()
+    for route in app.router.routes():
+        path = route.resource.canonical if route.resource else ""
+        if not path.startswith("/api/") or route.method == "HEAD":
+            continue
+        if "{action}" in path:  # one handler for start|end, activate|deactivate
+            pattern = route.resource.get_info()["pattern"].pattern
+            for action in pattern.split("(?P<action>")[1].split(")")[0].split("|"):
+                served.add((route.method, path.replace("{action}", action)))
+        else:
+            served.add((route.method, path))
+    assert documented == served

@@ -8,6 +8,7 @@ on a loopback port. Set PROCTOR_SAVE_SCREENSHOTS=1 to refresh docs/screenshots/.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import json
@@ -22,6 +23,7 @@ import pytest
 from aiohttp import web
 
 from fakes import FAKE_HEADS, FakeClassifier
+from proctor.appkeys import HUB_KEY
 from proctor.config import Config
 from proctor.passwords import hash_password
 from proctor.server import create_app
@@ -101,7 +103,7 @@ async def server(tmp_path):
     port = _free_port()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
-    yield {"url": f"http://127.0.0.1:{port}", "store": store}
+    yield {"url": f"http://127.0.0.1:{port}", "store": store, "app": app}
     await runner.cleanup()
     await store.close()
 
@@ -160,6 +162,7 @@ async def test_teacher_student_alert_review_export(display, server, tmp_path):
             await teacher.fill("#exam-name", "Algebra midterm")
             await teacher.check("input[name=allowed_heads][value=editor]")
             await teacher.fill("#roster", "student1")
+            await _shot(teacher, "new-exam.png", tmp_path)
             await teacher.click("button:has-text('Create exam')")
             await teacher.wait_for_url("**/teacher/exams/*")
             exam_id = int(teacher.url.rstrip("/").split("/")[-1])
@@ -172,9 +175,12 @@ async def test_teacher_student_alert_review_export(display, server, tmp_path):
             await student.click("text=Algebra midterm")
             await student.wait_for_url(f"**/student/exams/{exam_id}")
             assert await student.is_disabled("#share")  # nothing before consent
+            # A second display, as Chromium's Window Management API reports one (Xvfb has a single screen).
+            await student.evaluate("() => Object.defineProperty(screen, 'isExtended', {value: true})")
             await student.check("#consent-check")
             await student.click("#share")
             await student.wait_for_selector("#status[data-state=sharing]", timeout=20_000)
+            assert "more than one display" in await student.inner_text("#warning")
 
             # Frames go through stream.js for real: JPEG at the size the server asked for.
             await _until(student, "() => window.proctorStreamer.stats.framesSent >= 2")
@@ -185,6 +191,7 @@ async def test_teacher_student_alert_review_export(display, server, tmp_path):
             # Teacher: the student shows up live, then an alert (the screen shows no allowed program).
             row = f"#students tr[data-student-id]"
             await teacher.wait_for_selector(f"{row}[data-state=live]", timeout=20_000)
+            await teacher.wait_for_selector(f"{row} .state.displays:has-text('2 displays')")
             await teacher.wait_for_selector("#alerts li[data-alert-id] img[src^='data:image/jpeg']", timeout=30_000)
             await _shot(teacher, "teacher-dashboard.png", tmp_path)
             await _shot(student, "student-page.png", tmp_path)
@@ -193,8 +200,20 @@ async def test_teacher_student_alert_review_export(display, server, tmp_path):
             assert "score" not in student_text
             assert await student.inner_text("#status") == "Sharing your screen"
 
+            # The connection drops (server side): the page reconnects by itself and streams again.
+            hub = server["app"][HUB_KEY]
+            for session in hub.streams(exam_id):
+                await session.close(1012, "service restart")
+            await _until(student, "() => window.proctorStreamer.stats.reconnects >= 1")
+            await student.wait_for_selector("#status[data-state=sharing]", timeout=20_000)
+            sent = await student.evaluate("() => window.proctorStreamer.stats.framesSent")
+            await _until(student, f"() => window.proctorStreamer.stats.framesSent > {sent}")
+            await teacher.wait_for_selector(f"{row}[data-state=live]", timeout=20_000)
+
             # Open the alert: full frame, verdict and top scores; mark it reviewed with a note.
-            await teacher.click("#alerts li[data-alert-id]")
+            # More alerts may arrive meanwhile (a reconnect starts a new episode): pin this one by its id.
+            alert_id = await teacher.get_attribute("#alerts li[data-alert-id]", "data-alert-id")
+            await teacher.click(f"#alerts li[data-alert-id='{alert_id}']")
             await _until(teacher, "() => { const i = document.getElementById('ad-image');"
                                   " return i.complete && i.naturalWidth > 0; }")
             await teacher.wait_for_selector("#ad-scores tr")
@@ -204,7 +223,6 @@ async def test_teacher_student_alert_review_export(display, server, tmp_path):
             await teacher.fill("#ad-note", "Student had the exam page itself on screen")
             await teacher.click("#ad-save")
             await teacher.wait_for_selector("#ad-result[data-saved=reviewed]")
-            alert_id = await teacher.get_attribute("#alerts li[data-alert-id]", "data-alert-id")
 
             # The CSV export holds the reviewed alert.
             resp = await teacher.request.get(f"{base}/api/exams/{exam_id}/export.csv")
@@ -216,7 +234,9 @@ async def test_teacher_student_alert_review_export(display, server, tmp_path):
 
             # Stopping the share: the student is warned, the teacher sees "not sharing".
             await student.click("#stop")
-            await student.wait_for_selector("#warning:not([hidden])")
+            await student.wait_for_selector("#status[data-state=stopped]")
+            assert "Screen sharing stopped" in await student.inner_text("#warning") or \
+                "You stopped sharing" in await student.inner_text("#warning")
             await teacher.wait_for_selector(f"{row}[data-state=not_sharing], {row}[data-state=disconnected]",
                                             timeout=15_000)
 
@@ -226,6 +246,7 @@ async def test_teacher_student_alert_review_export(display, server, tmp_path):
             await teacher.click("#end-exam")
             await teacher.wait_for_url(f"**/teacher/exams/{exam_id}/review")
             assert "reviewed" in await teacher.inner_text(f"#alert-{alert_id}")
+            await _shot(teacher, "review-page.png", tmp_path)
             await teacher.check("#filter-unreviewed")
             await teacher.click("button:has-text('Filter')")
             await teacher.wait_for_url("**unreviewed=1")
@@ -237,41 +258,58 @@ async def test_teacher_student_alert_review_export(display, server, tmp_path):
             await browser.close()
 
 
-async def test_window_share_is_refused_with_an_explanation(display, server, tmp_path):
-    """A share whose track says displaySurface=window is stopped before anything is sent."""
+@contextlib.asynccontextmanager
+async def _student_page(display: str, server: dict, exam_name: str, code: str, running: bool):
+    """student1 logged in, on the page of a new exam of teacher1 that lists them."""
     from playwright.async_api import async_playwright
 
-    base = server["url"]
     store = server["store"]
     teacher = await store.get_user_by_name("teacher1")
     student = await store.get_user_by_name("student1")
-    exam = await store.create_exam("Window test", teacher.id, ["editor"], "WINTEST2")
+    exam = await store.create_exam(exam_name, teacher.id, ["editor"], code)
     await store.add_to_roster(exam.id, student.id)
-    await store.set_exam_state(exam.id, "running")
+    if running:
+        await store.set_exam_state(exam.id, "running")
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path=CHROMIUM, headless=False, args=CHROMIUM_ARGS,
                                           env={**os.environ, "DISPLAY": display}, timeout=60_000)
         try:
             page = await (await browser.new_context()).new_page()
-            await _login(page, base, "student1")
-            await page.goto(f"{base}/student/exams/{exam.id}")
-            # Make the real screen track report a window, as Chromium does when the student picks one.
-            await page.evaluate("""() => {
-                const real = navigator.mediaDevices.getDisplayMedia.bind(navigator.mediaDevices);
-                navigator.mediaDevices.getDisplayMedia = async (c) => {
-                    const stream = await real(c);
-                    const track = stream.getVideoTracks()[0];
-                    const settings = track.getSettings.bind(track);
-                    track.getSettings = () => ({...settings(), displaySurface: "window"});
-                    return stream;
-                };
-            }""")
-            await page.check("#consent-check")
-            await page.click("#share")
-            await page.wait_for_selector("#warning:not([hidden])")
-            assert "single window" in await page.inner_text("#warning")
-            assert "Entire screen" in await page.inner_text("#warning")
-            assert await page.evaluate("window.proctorStreamer.stats.framesSent") == 0
-            assert await page.evaluate("window.proctorStreamer.ws") is None
+            await _login(page, server["url"], "student1")
+            await page.goto(f"{server['url']}/student/exams/{exam.id}")
+            yield page, exam
         finally:
             await browser.close()
+
+
+async def test_window_share_is_refused_with_an_explanation(display, server):
+    """A share whose track says displaySurface=window is stopped before anything is sent."""
+    async with _student_page(display, server, "Window test", "WINTEST2", running=True) as (page, _):
+        # Make the real screen track report a window, as Chromium does when the student picks one.
+        await page.evaluate("""() => {
+            const real = navigator.mediaDevices.getDisplayMedia.bind(navigator.mediaDevices);
+            navigator.mediaDevices.getDisplayMedia = async (c) => {
+                const stream = await real(c);
+                const track = stream.getVideoTracks()[0];
+                const settings = track.getSettings.bind(track);
+                track.getSettings = () => ({...settings(), displaySurface: "window"});
+                return stream;
+            };
+        }""")
+        await page.check("#consent-check")
+        await page.click("#share")
+        await page.wait_for_selector("#warning:not([hidden])")
+        assert "single window" in await page.inner_text("#warning")
+        assert "Entire screen" in await page.inner_text("#warning")
+        assert await page.evaluate("window.proctorStreamer.stats.framesSent") == 0
+        assert await page.evaluate("window.proctorStreamer.ws") is None
+
+
+async def test_student_who_shares_before_the_start_is_streaming_once_it_starts(display, server):
+    async with _student_page(display, server, "Early bird", "EARLY234", running=False) as (page, exam):
+        await page.check("#consent-check")
+        await page.click("#share")
+        await page.wait_for_selector("#status-detail:has-text('has not started yet')", timeout=15_000)
+        await server["store"].set_exam_state(exam.id, "running")
+        await page.wait_for_selector("#status[data-state=sharing]", timeout=20_000)
+        await _until(page, "() => window.proctorStreamer.stats.framesSent >= 1")

@@ -168,3 +168,22 @@ async def test_over_tls_the_cookie_is_secure_and_wss_origin_is_checked(tmp_path,
             assert info.value.status == 403  # http:// is another origin than https://
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize("trusted, secure", [((), False), (("127.0.0.1",), True)])
+async def test_forwarded_https_counts_only_from_a_trusted_proxy(aiohttp_client, tmp_path, store, hall,
+                                                               trusted, secure):
+    config = Config(database_url=f"sqlite:///{tmp_path}/test.db", data_dir=str(tmp_path), trusted_proxies=trusted)
+    client = await aiohttp_client(create_app(config, store=store, classifier=FakeClassifier()))
+    resp = await client.post("/api/login", json={"username": "stud-in", "password": PASSWORD},
+                             headers={"X-Forwarded-Proto": "https", "X-Forwarded-For": "10.9.8.7"})
+    assert resp.status == 200
+    assert ("Secure" in resp.headers["Set-Cookie"]) is secure
+    host = f"{client.server.host}:{client.server.port}"
+    # Behind the proxy the browser's Origin is https://...; directly it is http://...
+    # (A Secure cookie is not sent over the test's plain http: hand it over as the proxy would.)
+    cookie = resp.cookies["proctor_session"].value
+    status = await ws_status(client, f"/ws/exams/{hall.id}/stream",
+                             {"Origin": f"https://{host}", "X-Forwarded-Proto": "https",
+                              "Cookie": f"proctor_session={cookie}"})
+    assert status == (101 if secure else 403)

@@ -239,6 +239,10 @@ class Engine:
             logger.info("heads now: %s", ", ".join(h.name for h in usable) or "none")
             return refused
 
+    def check_head(self, head: Head) -> str | None:
+        """Why this engine cannot run `head` (its backbone is unknown here), or None when it can."""
+        return self._check_backbone(head)
+
     def _check_backbone(self, head: Head) -> str | None:
         try:
             backbone = self.library.get(head.backbone_hash)

@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proctor.appkeys import STORE_KEY
+from proctor.appkeys import CLASSIFIER_KEY, STORE_KEY
 from proctor.passwords import hash_password, verify_password
 from proctor.storage.base import Conflict, InvalidData, NotFound, Store, StoreUnavailable, User
 from proctor.web import services as sv
@@ -270,7 +270,7 @@ async def read_upload(request: web.Request) -> tuple[bytes, str]:
 async def api_add_head(request: web.Request) -> web.Response:
     actor = await require_user(request, "admin")
     data, filename = await read_upload(request)
-    head = await sv.add_head(_store(request), actor, data, filename)
+    head = await sv.add_head(_store(request), actor, data, filename, request.app.get(CLASSIFIER_KEY))
     return json_response({"head": sv.head_json(head)}, status=201)
 
 

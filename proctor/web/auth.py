@@ -24,6 +24,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from proctor.appkeys import CONFIG_KEY, STORE_KEY
+from proctor.config import ConfigError
 from proctor.storage.base import NotFound, User
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ def forbidden(message: str) -> web.HTTPException:
 def load_secret_key(secret_key: str | None, data_dir: str) -> bytes:
     """The configured key, or a random one created once under data_dir/secret_key (mode 0600)."""
     if secret_key:
+        if len(secret_key) < 16:
+            raise ConfigError("invalid secret_key: at least 16 characters are needed to sign session cookies")
         return secret_key.encode()
     path = os.path.join(data_dir, "secret_key")
     try:
@@ -67,19 +70,27 @@ def load_secret_key(secret_key: str | None, data_dir: str) -> bytes:
         if len(key) >= 32:
             return key
         logger.warning("secret key file %s is shorter than 32 bytes; making a new one", path)
+        os.unlink(path)
     except FileNotFoundError:
         pass
     os.makedirs(data_dir, exist_ok=True)
     key = secrets.token_hex(32).encode()
-    # O_EXCL: when two workers start together, the second one reads the first one's key.
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(key)
-        os.replace(path + ".tmp", path)
+        # link() refuses an existing file: of two workers starting together, the second reads the first's key.
+        os.link(tmp, path)
+        logger.info("created a new session secret key in %s", path)
+    except FileExistsError:
+        with open(path, "rb") as f:
+            key = f.read().strip()
     except OSError as exc:
         raise RuntimeError(f"cannot write the session secret key file {path}: {exc}") from exc
-    logger.info("created a new session secret key in %s", path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return key
 
 
@@ -208,6 +219,7 @@ def _state(request: web.Request) -> WebState:
 
 
 def client_address(request: web.Request) -> str:
+    # server.forwarded_middleware has already put a trusted proxy's X-Forwarded-For into request.remote.
     return request.remote or "unknown"
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp_jinja2
 from aiohttp import web
 
-from proctor.appkeys import CONFIG_KEY, STORE_KEY
+from proctor.appkeys import CLASSIFIER_KEY, CONFIG_KEY, STORE_KEY
 from proctor.storage.base import Store, User
 from proctor.web import services as sv
 from proctor.web.api import check_login, path_id, read_upload
@@ -315,7 +315,7 @@ async def admin_upload_head(request: web.Request) -> web.Response:
     actor = await require_user(request, "admin")
     try:
         data, filename = await read_upload(request)
-        head = await sv.add_head(_store(request), actor, data, filename)
+        head = await sv.add_head(_store(request), actor, data, filename, request.app.get(CLASSIFIER_KEY))
     except sv.WebError as exc:
         return await _admin_heads(request, exc.status, error=exc.message)
     return await _admin_heads(request, notice=f"Head {head.name} ({head.program}) added and active.")

@@ -447,23 +447,33 @@ async def review_alert(store: Store, actor: User, alert_id: str, state: str, not
 # ------------------------------------------------------------------------------------------------- heads
 
 
-def parse_head_file(data: bytes, filename: str = "head file") -> HeadRecord:
-    """Check an uploaded head file with proctor.models.heads and turn it into a store record."""
+def parse_head_file(data: bytes, filename: str = "head file", classifier: Any = None) -> HeadRecord:
+    """Check an uploaded head file with proctor.models.heads and turn it into a store record.
+
+    When the running classifier offers `check_head(head) -> str | None` (the engine: can this server run
+    the head's backbone?), a head it could not load is refused here rather than failing every node's reload.
+    """
     if len(data) > MAX_HEAD_BYTES:
         raise bad(f"{filename}: {len(data)} bytes is over the {MAX_HEAD_BYTES}-byte limit for a head file")
     # Imported here: it brings torch, which only the admin's upload needs, not every page.
     from proctor.models.heads import HeadError, head_to_record, read_head_file
 
     try:
-        return head_to_record(read_head_file(data))
+        head = read_head_file(data)
+        record = head_to_record(head)
     except HeadError as exc:
         raise bad(f"{filename}: {str(exc).removeprefix('head file: ')}") from None
     except ValueError as exc:  # a malformed 'created' date in otherwise valid metadata
         raise bad(f"{filename}: {exc}") from None
+    check = getattr(classifier, "check_head", None)
+    problem = check(head) if check is not None else None
+    if problem:
+        raise bad(f"{filename}: {problem}")
+    return record
 
 
-async def add_head(store: Store, actor: User, data: bytes, filename: str) -> HeadRecord:
-    record = parse_head_file(data, filename)
+async def add_head(store: Store, actor: User, data: bytes, filename: str, classifier: Any = None) -> HeadRecord:
+    record = parse_head_file(data, filename, classifier)
     try:
         head = await store.add_head(record)
     except Conflict:

@@ -95,7 +95,11 @@ async function openAlert(id) {
   const summary = alerts.get(id) || {};
   document.getElementById("ad-title").textContent = `${summary.full_name || summary.username || "Student"} · ${describe(summary)}`;
   document.getElementById("ad-image").src = `/api/alerts/${encodeURIComponent(id)}/evidence`;
-  document.getElementById("ad-result").textContent = "";
+  const result = document.getElementById("ad-result");
+  result.textContent = "";
+  delete result.dataset.saved;
+  document.getElementById("ad-scores").replaceChildren();
+  document.getElementById("ad-verdict").textContent = "Loading…";
   dialog.showModal();
   try {
     const { alert } = await api(`/api/alerts/${encodeURIComponent(id)}`);

@@ -25,10 +25,29 @@ function showStatus(state, detail) {
   statusEl.dataset.state = state;
   detailEl.textContent = detail || "";
   const active = ["connecting", "sharing", "paused", "reconnecting"].includes(state);
+  // The notice was read and agreed to: fold it away so the status fits a laptop screen.
+  document.getElementById("consent").classList.toggle("agreed", active);
   shareButton.hidden = active || state === "ended";
   stopButton.hidden = !active;
   if (state === "stopped" || state === "error") warn(detail);
   else if (state === "sharing") warn(multiDisplayWarning());
+  if (state === "reconnecting") explainRefusal();
+}
+
+// A refused connection looks like a dropped one to the page: ask the API whether the exam is running.
+async function explainRefusal() {
+  try {
+    const response = await fetch(`/api/exams/${encodeURIComponent(examId)}`, { credentials: "same-origin" });
+    if (response.status === 401) { detailEl.textContent = "Your login has expired: log in again in another tab; sharing resumes by itself."; return; }
+    const { exam } = await response.json();
+    if (exam && exam.state === "draft") detailEl.textContent = "The exam has not started yet; sending begins by itself when your teacher starts it.";
+    else if (exam && exam.state === "ended") {
+      streamer.stop();
+      showStatus("ended", "The exam has ended. You can close this page.");
+    }
+  } catch (err) {
+    // Offline: the status line already says we are reconnecting.
+  }
 }
 
 function multiDisplayWarning() {
