@@ -146,6 +146,9 @@ def test_foreign_backbone_head_is_refused(torch_engine, backbone):
     refused = torch_engine.set_heads(ours + foreign + [b"not a head file"])
     assert [h.name for h in torch_engine.heads] == ["h0", "h1"]
     assert len(refused) == 2 and "foreign0" in refused[0] and "not a safetensors file" in refused[1]
+    # The same check, asked before a head is accepted (the head upload API answers 400 with it).
+    assert torch_engine.check_head(ours[0]) is None
+    assert "which this server does not have" in torch_engine.check_head(foreign[0])
 
 
 def test_groups_of_other_backbones_and_sizes(backbone, tmp_path):
