@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import random
 import secrets
 import threading
@@ -24,7 +25,7 @@ from aiohttp import web
 
 from proctor.appkeys import CLASSIFIER_KEY, CONFIG_KEY, STORE_KEY
 from proctor.storage import validate
-from proctor.storage.base import NotFound, Sample, Store
+from proctor.storage.base import NotFound, Store
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ MIN_NEGATIVES = 2  # train_head keeps one of each class for validation
 # Stored negatives beyond this are subsampled (seeded): features of 2000 frames are plenty for one head.
 MAX_NEGATIVES = 2000
 DEFAULT_SCREENS_DIR = Path(__file__).resolve().parent.parent / "data" / "screens"
+_TRAINING_NICE = 10
 _KEEP_FINISHED = 50  # finished jobs kept for GET /api/training/{id}
 
 
@@ -161,14 +163,14 @@ class TrainingJobs:
         description = (description or "").strip() or (existing.description if existing else "")
         if len(program) > 200 or len(description) > 2000:
             raise JobRefused(400, "program name over 200 or description over 2000 characters")
-        samples = await self.store.list_samples()
-        positives = [s.jpeg for s in samples if s.label == label]
+        counts = await self.store.count_samples()
         need = self.settings.min_positives
-        if len(positives) < need:
-            raise JobRefused(400, f"head {label!r} has {len(positives)} sample(s); training needs at least {need}: "
-                                  f"record {need - len(positives)} more of its screen")
-        negatives = _negatives(samples, label, {_sha(p) for p in positives})
-        del samples
+        if counts.get(label, 0) < need:
+            have = counts.get(label, 0)
+            raise JobRefused(400, f"head {label!r} has {have} sample(s); training needs at least {need}: "
+                                  f"record {need - have} more of its screen")
+        positives = [s.jpeg for s in await self.store.list_samples(label)]
+        negatives = await _negatives(self.store, counts, label, {_sha(p) for p in positives})
         extra: list[Path] = []
         if len(negatives) < FEW_NEGATIVES:
             extra = bundled_negatives(self.settings.screens_dir, label, FEW_NEGATIVES - len(negatives))
@@ -208,6 +210,7 @@ class TrainingJobs:
             job.stage, job.done, job.total = stage, done, total
 
         def work():
+            _lower_priority()
             return train_head(job.label, positives, negatives, backbone, program=job.program,
                               description=job.description, options=options, progress=progress)
 
@@ -258,20 +261,32 @@ class TrainingJobs:
         await loop.run_in_executor(None, self._pool.shutdown, True)
 
 
-def _negatives(samples: list[Sample], label: str, positive_shas: set[str]) -> list[bytes]:
-    """Other labels' samples, minus copies of a positive (an alert sent under two labels), at most MAX_NEGATIVES."""
+async def _negatives(store: Store, counts: dict[str, int], label: str, positive_shas: set[str]) -> list[bytes]:
+    """Other labels' samples, minus copies of a positive (an alert sent under two labels), at most MAX_NEGATIVES.
+
+    Read one label at a time and subsampled (seeded) to its share, so memory holds one label's JPEGs at most.
+    """
+    others = sorted(name for name in counts if name != label)
     seen = set(positive_shas)
-    out = []
-    for s in samples:
-        if s.label == label:
-            continue
-        sha = _sha(s.jpeg)
-        if sha not in seen:
-            seen.add(sha)
-            out.append(s.jpeg)
-    if len(out) > MAX_NEGATIVES:
-        out = random.Random(0).sample(out, MAX_NEGATIVES)
+    out: list[bytes] = []
+    for i, name in enumerate(others):
+        share = (MAX_NEGATIVES - len(out)) // (len(others) - i)
+        fresh = []
+        for sample in await store.list_samples(name):
+            sha = _sha(sample.jpeg)
+            if sha not in seen:
+                seen.add(sha)
+                fresh.append(sample.jpeg)
+        out.extend(random.Random(name).sample(fresh, share) if len(fresh) > share else fresh)
     return out
+
+
+def _lower_priority() -> None:
+    """Nice the training thread (threads it starts inherit it): the frames of students come first."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _TRAINING_NICE)
+    except (AttributeError, OSError) as exc:  # not Linux, or not allowed
+        logger.debug("training runs at normal priority: %s", exc)
 
 
 def _with_cache(options: Any, cache_dir: Path) -> Any:

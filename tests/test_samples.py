@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import uuid
 
@@ -25,6 +26,7 @@ from proctor.web import samples
 from test_server_engine import colour_head, engine  # noqa: F401 (engine is a fixture)
 from test_web_server import PASSWORD, origin, ws_status
 from test_web_server import login as web_login
+from test_web_browser import display  # noqa: F401 (a fixture)
 
 
 def tiny(colour: str, seed: int) -> bytes:
@@ -327,7 +329,7 @@ async def test_review_page_form_sends_a_sample_and_admin_may_too(client, store, 
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
-async def test_replace_head_keeps_the_name_and_active_flag(backend, tmp_path, request, engine):
+async def test_replace_head_and_count_samples(backend, tmp_path, request, engine):
     if backend == "sqlite":
         url = f"sqlite:///{tmp_path}/replace.db"
     else:
@@ -355,6 +357,103 @@ async def test_replace_head_keeps_the_name_and_active_flag(backend, tmp_path, re
                 break
             await asyncio.sleep(0.02)
         assert heard.count(("heads", "editor")) == 3  # add, deactivate, replace
+        assert await s.count_samples() == {}
+        for label, n in (("b", 2), ("a", 1)):
+            for i in range(n):
+                await s.add_sample(label, tiny("red", i), "recorded")
+        assert await s.count_samples() == {"a": 1, "b": 2}
         await s.unsubscribe(listener)
     finally:
         await s.close()
+
+
+async def test_negatives_are_spread_over_labels_capped_and_never_a_positive(store, monkeypatch):
+    from proctor import training_jobs
+
+    monkeypatch.setattr(training_jobs, "MAX_NEGATIVES", 4)
+    positive = tiny("red", 1)
+    await store.add_sample("a", positive, "false_positive")  # the same screen sent under two labels
+    for i in range(5):
+        await store.add_sample("a", tiny("green", i), "recorded")
+        await store.add_sample("b", tiny("blue", i), "recorded")
+    counts = await store.count_samples()
+    negatives = await training_jobs._negatives(store, {**counts, "self": 1}, "self", {training_jobs._sha(positive)})
+    assert len(negatives) == 4 and positive not in negatives
+    blue = {tiny("blue", i) for i in range(5)}
+    assert sum(n in blue for n in negatives) == 2  # each other label gets its share
+    assert negatives == await training_jobs._negatives(store, counts, "self", {training_jobs._sha(positive)})
+
+
+# ------------------------------------------------------------------------------------------- in Chromium
+
+
+@pytest.fixture
+async def browser_server(tmp_path, store, users, engine, alert):
+    """The real app with the seeded engine on a loopback port: 10 samples of 'redapp', others of 'other'."""
+    from aiohttp import web
+
+    from test_web_browser import _free_port
+
+    for i in range(10):
+        await store.add_sample("redapp", tiny("red", i), "recorded")
+        await store.add_sample("other", tiny("green", 40 + i), "recorded")
+    config = Config(database_url=f"sqlite:///{tmp_path}/samples.db", data_dir=str(tmp_path))
+    app = create_app(config, store=store, classifier=engine)
+    app[TRAINING_SETTINGS_KEY] = TrainingSettings(options=TrainOptions(copies=0), screens_dir=None)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = _free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield f"http://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+@pytest.mark.browser
+async def test_record_train_and_send_an_alert_in_chromium(display, browser_server, store, alert):
+    from playwright.async_api import async_playwright
+
+    from test_web_browser import CHROMIUM, CHROMIUM_ARGS, _login, _until
+
+    base = browser_server
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, headless=False, args=CHROMIUM_ARGS,
+                                          env={**os.environ, "DISPLAY": display}, timeout=60_000)
+        try:
+            page = await (await browser.new_context(viewport={"width": 1366, "height": 680})).new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            await _login(page, base, "teach-a")
+            await page.click("text=Record samples")
+            await page.wait_for_url("**/teacher/samples")
+            assert await page.is_disabled("#share") and await page.is_disabled("#train")
+            # A new label: share the screen; its frames arrive and the live count goes up.
+            await page.fill("#label", "newapp")
+            await page.click("#share")
+            await page.wait_for_selector("#status[data-state=sharing]", timeout=20_000)
+            await _until(page, "() => Number(document.getElementById('count').dataset.count) >= 1")
+            await page.click("#stop")
+            await page.wait_for_selector("#status[data-state=stopped]")
+            recorded = await store.list_samples("newapp")
+            assert len(recorded) >= 1 and recorded[0].jpeg.startswith(b"\xff\xd8")
+            assert await page.is_disabled("#train")  # fewer than 10 samples
+
+            # A label with 10 samples: train it and follow the job to the end.
+            await page.fill("#label", "redapp")
+            await page.fill("#program", "Red App")
+            await _until(page, "() => document.getElementById('count').dataset.count === '10'")
+            await page.click("#train")
+            await page.wait_for_selector("#train-status[data-state=done]", timeout=60_000)
+            assert "Head redapp trained and loaded" in await page.inner_text("#train-status")
+            assert "recall" in await page.inner_text("#train-metrics")
+            assert (await store.get_head("redapp")).program == "Red App"
+
+            # The dashboard's alert dialog: false positive, it showed the code editor.
+            await page.goto(f"{base}/teacher/exams/{alert.exam_id}")
+            await page.click(f"#alerts li[data-alert-id='{alert.id}']")
+            await page.select_option("#ad-sample-label", "editor")
+            await page.click("#ad-sample-send")
+            await page.wait_for_selector("#ad-sample-result[data-saved=editor]")
+            assert [s.source for s in await store.list_samples("editor")] == ["false_positive"]
+            assert errors == []
+        finally:
+            await browser.close()

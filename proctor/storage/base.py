@@ -214,6 +214,8 @@ class Store(Protocol):
     # training samples
     async def add_sample(self, label: str, jpeg: bytes, source: str) -> int: ...
     async def list_samples(self, label: str | None = None) -> list[Sample]: ...
+    async def count_samples(self) -> dict[str, int]:
+        """Samples per label, without reading their JPEGs."""
 
     # retention
     async def purge(self, older_than: dt.timedelta) -> PurgeReport:

@@ -481,6 +481,11 @@ class SqlStore:
                                    "RETURNING id", label, data, source, self._ts(utcnow()))
         return int(row["id"])
 
+    async def count_samples(self) -> dict[str, int]:
+        async with self._connection() as c:
+            rows = await c.fetch("SELECT label, COUNT(*) AS n FROM samples GROUP BY label ORDER BY label")
+        return {r["label"]: int(r["n"]) for r in rows}
+
     async def list_samples(self, label: str | None = None) -> list[Sample]:
         async with self._connection() as c:
             if label is None:

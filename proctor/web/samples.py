@@ -53,13 +53,6 @@ def check_label(label: str | None) -> str:
         raise sv.bad(str(exc)) from None
 
 
-async def sample_counts(store: Store) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for sample in await store.list_samples():
-        counts[sample.label] = counts.get(sample.label, 0) + 1
-    return counts
-
-
 # ------------------------------------------------------------------------------------------- recording
 
 
@@ -178,7 +171,7 @@ async def samples_socket(request: web.Request) -> web.StreamResponse:
     except InvalidData as exc:
         raise web.HTTPBadRequest(text=json.dumps({"error": str(exc)}), content_type="application/json") from None
     store = _store(request)
-    count = len(await store.list_samples(label))
+    count = (await store.count_samples()).get(label, 0)
     config = request.app[CONFIG_KEY]
     ws = web.WebSocketResponse(max_msg_size=2 * config.max_frame_bytes + protocol.HEADER_SIZE, heartbeat=30.0,
                                compress=False)
@@ -203,7 +196,7 @@ async def samples_socket(request: web.Request) -> web.StreamResponse:
 @routes.get("/api/samples")
 async def api_samples(request: web.Request) -> web.Response:
     await require_user(request, *_STAFF)
-    return json_response({"labels": await sample_counts(_store(request)), "limit": MAX_SAMPLES_PER_LABEL})
+    return json_response({"labels": await _store(request).count_samples(), "limit": MAX_SAMPLES_PER_LABEL})
 
 
 @routes.post("/api/samples/{label}/train")
@@ -237,6 +230,8 @@ async def alert_to_sample(store: Store, actor: User, alert_id: str, label: str) 
     heads = {h.name for h in await store.list_heads(active_only=True)}
     if label not in heads:
         raise sv.bad(f"no active head named {label!r}: pick one of {', '.join(sorted(heads)) or 'none'}")
+    if (await store.count_samples()).get(label, 0) >= MAX_SAMPLES_PER_LABEL:
+        raise sv.WebError(409, f"head {label!r} has {MAX_SAMPLES_PER_LABEL} samples already, the most kept per head")
     sample_id = await store.add_sample(label, alert.evidence, source="false_positive")
     if alert.review_state == "new":
         alert = await store.review_alert(alert.id, "false_positive", alert.review_note or f"it showed {label}",
@@ -268,7 +263,7 @@ async def samples_page(request: web.Request) -> web.Response:
     heads = await store.list_heads()
     running = request.app[TRAINING_KEY].running
     return await render("samples.html", request, {
-        "heads": heads, "programs": {h.name: h.program for h in heads}, "counts": await sample_counts(store), "limit": MAX_SAMPLES_PER_LABEL,
+        "heads": heads, "programs": {h.name: h.program for h in heads}, "counts": await store.count_samples(), "limit": MAX_SAMPLES_PER_LABEL,
         "min_positives": request.app[TRAINING_KEY].settings.min_positives,
         "running": running.to_json() if running else None})
 
