@@ -132,7 +132,8 @@ class TrainingJobs:
     def get(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
         if job is None:
-            raise NotFound(f"no training job {job_id!r} (jobs are forgotten when the server restarts)")
+            raise NotFound(f"no training job {job_id!r} on this server node (a job is kept in the memory of "
+                           "the node that started it, and forgotten when that node restarts)")
         return job
 
     @property

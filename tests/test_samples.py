@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
 import uuid
@@ -102,6 +103,13 @@ async def test_teacher_records_frames_and_bad_ones_are_refused(client, store, us
     assert bad["type"] == "error" and bad["code"] == protocol.E_BAD_JPEG and bad["message"]
     await ws.send_bytes(b"short")
     assert (await ws.receive_json(timeout=5))["code"] == protocol.E_BAD_HEADER
+    await ws.send_bytes(protocol.pack_frame(5, 0.0, b"\xff\xd8" + bytes(2_000_000)))
+    assert (await answer(ws, 5))["code"] == protocol.E_FRAME_TOO_LARGE
+    # A window instead of the whole screen: frames are refused until the whole screen is shared.
+    await ws.send_str(json.dumps({"type": "hello", "surface": "window"}))
+    assert (await ws.receive_json(timeout=5))["code"] == protocol.E_NOT_SHARING_SCREEN
+    await ws.send_bytes(protocol.pack_frame(6, 0.0, tiny("red", 6)))
+    assert (await answer(ws, 6))["code"] == protocol.E_NOT_SHARING_SCREEN
     await ws.close()
     stored = await store.list_samples("redapp")
     assert len(stored) == 3 and {s.source for s in stored} == {"recorded"}
@@ -135,6 +143,19 @@ async def test_recording_is_rate_limited_and_capped(client, store, monkeypatch):
     assert refused["code"] == samples.E_SAMPLE_LIMIT and "train it now" in refused["message"]
     await ws.close()
     assert len(await store.list_samples("capped")) == 2
+
+
+async def test_repeated_bad_frames_close_the_recording(client, store, monkeypatch):
+    monkeypatch.setattr(samples, "_MIN_INTERVAL_S", 0.0)
+    await login(client, "teach-a")
+    ws = await client.ws_connect("/ws/samples?label=x", headers={"Origin": origin(client)})
+    await ws.receive_json(timeout=5)
+    for seq in range(samples._MAX_STRIKES):
+        await ws.send_bytes(protocol.pack_frame(seq, 0.0, b"not a jpeg at all"))
+    while (message := await ws.receive(timeout=5)).type == aiohttp.WSMsgType.TEXT:
+        assert json.loads(message.data)["code"] == protocol.E_BAD_JPEG
+    assert message.type == aiohttp.WSMsgType.CLOSE and ws.close_code == protocol.CLOSE_POLICY
+    assert await store.list_samples() == []
 
 
 async def test_recording_refuses_students_forged_origins_and_bad_labels(client, store):

@@ -263,8 +263,8 @@ async def samples_page(request: web.Request) -> web.Response:
     heads = await store.list_heads()
     running = request.app[TRAINING_KEY].running
     return await render("samples.html", request, {
-        "heads": heads, "programs": {h.name: h.program for h in heads}, "counts": await store.count_samples(), "limit": MAX_SAMPLES_PER_LABEL,
-        "min_positives": request.app[TRAINING_KEY].settings.min_positives,
+        "heads": heads, "programs": {h.name: h.program for h in heads}, "counts": await store.count_samples(),
+        "limit": MAX_SAMPLES_PER_LABEL, "min_positives": request.app[TRAINING_KEY].settings.min_positives,
         "running": running.to_json() if running else None})
 
 
