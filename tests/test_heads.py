@@ -123,6 +123,7 @@ def test_stack_refuses_mixed_groups_and_empty():
     ({"program": " "}, "program must be a non-empty string"),
     ({"backbone_hash": "abc"}, "backbone_hash must be 64 hex digits"),
     ({"pooling": "max"}, "unknown pooling 'max'"),
+    ({"created": "yesterday"}, "created must be an ISO date and time, got 'yesterday'"),
 ])
 def test_invalid_heads_are_refused(change, message):
     with pytest.raises(HeadError, match=message):
@@ -169,6 +170,12 @@ def test_metadata_problems_are_named(tmp_path):
         read_head_file(path)
     with pytest.raises(HeadError, match=r"missing\.safetensors: cannot read"):
         read_head_file(tmp_path / "missing.safetensors")
+
+
+def test_naive_creation_time_is_taken_as_utc():
+    head = _logistic().replace(created="2026-01-02T03:04:05")
+    assert head.created == "2026-01-02T03:04:05+00:00"
+    assert head_to_record(head).created_at == dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
 
 
 def test_load_heads_refuses_duplicate_names():

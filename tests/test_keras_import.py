@@ -190,3 +190,19 @@ def test_converted_backbone_round_trips_through_its_file(tmp_path, weights):
     x = torch.rand(1, 3, H, W)
     with torch.inference_mode():
         assert torch.allclose(loaded.features(x), model.backbone.features(x))
+
+
+def test_weights_only_file_imports_the_backbone(tmp_path, weights):
+    """model.save_weights('x.h5') in Keras 2: layer groups at the root, no model config."""
+    path = tmp_path / "weights_only.h5"
+    with h5py.File(path, "w") as f:
+        for (layer, weight), array in weights.items():
+            f.create_dataset(f"{layer}/{layer}/{weight}:0", data=array)
+    model = read_keras_model(path, pixels="symmetric")
+    assert model.head is None and model.matched == 260 and model.input_size is None
+    assert any("weights-only" in note for note in model.notes)
+    images = np.random.default_rng(1).integers(0, 256, size=(1, 36, 64, 3), dtype=np.uint8)
+    reference = keras_forward(weights, images / 127.5 - 1.0).mean(axis=(1, 2))
+    ours = model.backbone.extract(list(images), preprocessing=dataclasses.replace(
+        model.backbone.spec.preprocessing, width=64, height=36))
+    np.testing.assert_allclose(ours, reference, rtol=1e-3, atol=1e-3)

@@ -462,3 +462,20 @@ async def test_metrics_health_and_readiness(server, hall):
     assert 'proctor_frames_dropped_total{reason="bad_jpeg"} 1.0' in text
     assert "proctor_active_streams 1.0" in text
     await alice.close()
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+async def test_forwarded_headers_only_from_trusted_proxies(server, hall, trusted):
+    client = await server(trusted_proxies=("127.0.0.1",) if trusted else ())
+    host = f"{client.server.host}:{client.server.port}"
+    headers = {"X-Test-User": str(hall["a"].id), "Origin": f"https://{host}",
+               "X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.9"}
+    if trusted:
+        ws = await client.ws_connect(f"/ws/exams/{hall['exam'].id}/stream", headers=headers)
+        assert (await ws.receive_json(timeout=5))["type"] == "config"
+        await ws.close()
+    else:
+        # Anyone can send these headers: from an untrusted address the https Origin is foreign.
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await client.ws_connect(f"/ws/exams/{hall['exam'].id}/stream", headers=headers)
+        assert info.value.status == 403

@@ -80,6 +80,8 @@ class DynamicBatcher(Generic[T, P, R]):
         self._stage: asyncio.Queue[list[_Entry]] = asyncio.Queue(maxsize=1)
         self._stage_taken = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        # Entries taken from the queue and not yet answered (decoding, staged or in the model).
+        self._in_flight: set[_Entry] = set()
         self._closed = False
         self.batches_run = 0
 
@@ -102,12 +104,10 @@ class DynamicBatcher(Generic[T, P, R]):
             except asyncio.CancelledError:
                 pass
         self._tasks = []
-        for entry in self._pending.values():
+        for entry in [*self._pending.values(), *self._in_flight]:
             _fail(entry, BatcherClosed("server is shutting down"))
         self._pending.clear()
-        while not self._stage.empty():
-            for entry in self._stage.get_nowait():
-                _fail(entry, BatcherClosed("server is shutting down"))
+        self._in_flight.clear()
         self._update_depth()
 
     def submit(self, key: Hashable, item: T) -> asyncio.Future:
@@ -136,6 +136,7 @@ class DynamicBatcher(Generic[T, P, R]):
             if not batch:
                 continue
             await self._decode(batch, loop)
+            self._in_flight.difference_update(entry for entry in batch if entry.future.done())
             batch = [entry for entry in batch if not entry.future.done()]
             if batch:
                 await self._stage.put(batch)
@@ -175,6 +176,7 @@ class DynamicBatcher(Generic[T, P, R]):
             if entry.future.done():  # cancelled: the session went away
                 continue
             batch.append(entry)
+            self._in_flight.add(entry)
         self._update_depth()
         return batch
 
@@ -191,6 +193,7 @@ class DynamicBatcher(Generic[T, P, R]):
         for entry in batch:
             if isinstance(entry.prepared, BaseException):
                 _fail(entry, entry.prepared)
+                self._in_flight.discard(entry)
 
     def _decode_chunk(self, chunk: list[_Entry]) -> None:
         # Runs in a decode thread: only touches the entries' `prepared` slots, never the futures.
@@ -215,6 +218,7 @@ class DynamicBatcher(Generic[T, P, R]):
                 # classifying the stale screen would only delay the fresh one.
                 if entry.key in self._pending:
                     _fail(entry, Replaced("a newer frame of this session replaced it"))
+            self._in_flight.difference_update(entry for entry in batch if entry.future.done())
             batch = [entry for entry in batch if not entry.future.done()]
             if not batch:
                 continue
@@ -228,10 +232,13 @@ class DynamicBatcher(Generic[T, P, R]):
                 logger.exception("inference failed for a batch of %d frames", len(batch))
                 for entry in batch:
                     _fail(entry, exc)
+                self._in_flight.difference_update(batch)
                 continue
             finally:
                 for entry in batch:
                     entry.prepared = None  # free the pixels now, not when the future is collected
+            # (On cancellation the entries stay in flight: close() fails them.)
+            self._in_flight.difference_update(batch)
             self.batches_run += 1
             if self._metrics is not None:
                 self._metrics.batch_size.observe(len(batch))

@@ -368,6 +368,12 @@ def _check_frame(frame: np.ndarray, index: int) -> None:
         raise ValueError(f"frame {index}: empty image {frame.shape}")
 
 
+def check_frames(frames: Sequence[np.ndarray]) -> None:
+    """Raise ValueError naming the first frame that is not an HxWx3 uint8 array."""
+    for i, frame in enumerate(frames):
+        _check_frame(frame, i)
+
+
 def resize(batch: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """Resize a float NCHW batch; antialiased so shrinking a 1080p screen keeps thin text strokes."""
     if batch.shape[-1] == width and batch.shape[-2] == height:
@@ -384,8 +390,7 @@ def frames_to_tensor(frames: Sequence[np.ndarray], size: tuple[int, int] | None 
     """
     if len(frames) == 0:
         raise ValueError("no frames")
-    for i, frame in enumerate(frames):
-        _check_frame(frame, i)
+    check_frames(frames)
     shapes = {f.shape for f in frames}
     if len(shapes) == 1:
         stacked = torch.from_numpy(np.ascontiguousarray(np.stack(frames)))

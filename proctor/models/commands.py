@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import logging
 import sys
@@ -26,8 +27,8 @@ _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 def register(subparsers: argparse._SubParsersAction) -> None:
     classify = subparsers.add_parser("classify", help="score screenshots with the heads, as the server would")
     _model_flags(classify)
-    classify.add_argument("--heads", nargs="+", metavar="FILE", default=None,
-                          help="head files to use (default: the active heads in the database)")
+    classify.add_argument("--heads", action="append", metavar="FILE", default=None,
+                          help="a head file to use; repeat for several (default: the active heads in the database)")
     classify.add_argument("--allowed", default=None, metavar="NAME,...",
                           help="an exam whitelist of head names: also print each image's verdict")
     classify.add_argument("--json", action="store_true", help="one JSON object per image and line")
@@ -67,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     # train-head: registered by proctor.models.training (the screens helper's module) when it exists.
     try:
-        from proctor.models import training
+        training = importlib.import_module("proctor.models.training")
     except ModuleNotFoundError as exc:
         if exc.name != "proctor.models.training":
             raise

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from proctor.models.backbone import (
-    Backbone, BackboneError, BackboneLibrary, BackboneSpec, feature_dim, frames_to_tensor, random_backbone, to_input,
+    Backbone, BackboneError, BackboneLibrary, BackboneSpec, check_frames, feature_dim, frames_to_tensor, random_backbone, to_input,
 )
 from proctor.models.heads import Head, HeadError, HeadStack, load_heads
 from proctor.models.interface import HeadInfo, Preprocessing, Scores
@@ -189,9 +189,10 @@ class Engine:
         state = self._state  # read once: the whole batch uses this head set
         if len(frames) == 0:
             return Scores(state.infos, np.zeros((0, len(state.infos)), np.float32))
-        batch = frames_to_tensor(frames, state.frame_size, self.device, pin=self.device.type == "cuda")
         if not state.groups:
+            check_frames(frames)  # bad input is refused the same way with or without heads
             return Scores(state.infos, np.zeros((len(frames), 0), np.float32))
+        batch = frames_to_tensor(frames, state.frame_size, self.device, pin=self.device.type == "cuda")
         values = torch.empty((len(frames), len(state.infos)), dtype=torch.float32, device=self.device)
         for group in state.groups:
             features = group.runner(to_input(batch, group.preprocessing))
@@ -278,8 +279,12 @@ class Engine:
 
     def _make_runner(self, backbone: Backbone, preprocessing: Preprocessing, pooling: str) -> Runner:
         if self.runtime == "onnx":
-            return _OnnxRunner(backbone, preprocessing, pooling, self.cache_dir, self.threads)
-        return _TorchRunner(backbone, pooling, self.device, self.precision)
+            runner: Runner = _OnnxRunner(backbone, preprocessing, pooling, self.cache_dir, self.threads)
+        else:
+            runner = _TorchRunner(backbone, pooling, self.device, self.precision)
+        # One pass now, so the first students' frames do not pay for lazy allocation and kernel set-up.
+        runner(torch.zeros((1, 3, preprocessing.height, preprocessing.width), device=self.device))
+        return runner
 
     # --- features for training ---------------------------------------------------------------------------------
 

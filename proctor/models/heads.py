@@ -104,6 +104,12 @@ class Head:
         object.__setattr__(self, "metrics", dict(self.metrics))
         if not self.created:
             object.__setattr__(self, "created", utcnow().isoformat(timespec="seconds"))
+        try:
+            created = dt.datetime.fromisoformat(self.created)
+        except (TypeError, ValueError):
+            raise HeadError(f"{where}: created must be an ISO date and time, got {self.created!r}") from None
+        if created.tzinfo is None:  # a naive time in a file is taken as UTC, as the store keeps times
+            object.__setattr__(self, "created", created.replace(tzinfo=dt.timezone.utc).isoformat())
 
     @property
     def feature_dim(self) -> int:

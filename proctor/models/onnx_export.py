@@ -135,13 +135,21 @@ def export_onnx(backbone: Backbone, preprocessing: Preprocessing, pooling: str,
     path = onnx_path(cache_dir, backbone, preprocessing, pooling)
     if path.is_file():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = build_onnx(backbone, preprocessing, pooling).SerializeToString()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    except OSError as exc:
+        # A read-only or full data dir costs the cache, not the service.
+        logger.warning("cannot cache the ONNX graph in %s (%s); using it from memory", path.parent, exc)
+        return data
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
+    except OSError as exc:
+        logger.warning("cannot cache the ONNX graph as %s (%s); using it from memory", path, exc)
+        return data
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
