@@ -79,6 +79,7 @@ class Job:
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     replaced: bool = False  # True when the label was an existing head, now retrained
+    active: bool | None = None  # the registered head's active flag (a retrained head keeps its own)
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
 
@@ -87,7 +88,7 @@ class Job:
         return {"id": self.id, "label": self.label, "program": self.program, "state": self.state,
                 "progress": {"stage": self.stage, "done": self.done, "total": self.total},
                 "positives": self.positives, "negatives": self.negatives, "metrics": self.metrics,
-                "error": self.error, "replaced": self.replaced, "seconds": round(end - self.started, 1)}
+                "error": self.error, "replaced": self.replaced, "active": self.active, "seconds": round(end - self.started, 1)}
 
 
 def _sha(data: bytes) -> str:
@@ -128,6 +129,7 @@ class TrainingJobs:
         self._cancel = threading.Event()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="training")
         self._closed = False
+        self._start_lock = asyncio.Lock()
 
     def get(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
@@ -142,6 +144,11 @@ class TrainingJobs:
 
     async def start(self, label: str, actor_id: int, program: str = "", description: str = "") -> Job:
         """Check the label and the samples, then start training in the background; JobRefused says why not."""
+        # One start at a time: the busy check and registering the job must not interleave with another's.
+        async with self._start_lock:
+            return await self._start(label, actor_id, program, description)
+
+    async def _start(self, label: str, actor_id: int, program: str, description: str) -> Job:
         try:
             validate.head_name(label)
         except Exception as exc:  # InvalidData: the message names the value
@@ -225,7 +232,7 @@ class TrainingJobs:
                 record = await self.store.replace_head(record)
             else:
                 record = await self.store.add_head(record)
-            job.metrics = result.metrics
+            job.metrics, job.active = result.metrics, record.active
             job.state = job.stage = "done"
             await self.store.audit(job.actor_id, "head.retrained" if job.replaced else "head.trained",
                                    f"head:{job.label}", {"job": job.id, "program": job.program,

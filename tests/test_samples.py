@@ -212,7 +212,7 @@ async def test_training_job_registers_the_head_and_every_node_loads_it(client, s
     job = await poll(client, job["id"])
     assert job["state"] == "done", job
     assert job["metrics"]["recall"] == 1.0 and job["metrics"]["specificity"] == 1.0
-    assert job["progress"]["stage"] == "done" and job["replaced"] is False
+    assert job["progress"]["stage"] == "done" and job["replaced"] is False and job["active"] is True
     head = await store.get_head("redapp")
     assert head.program == "Red App" and head.backbone_hash == engine.backbone.weights_hash
     for _ in range(100):
@@ -274,12 +274,15 @@ async def test_one_job_at_a_time_and_shutdown_cancels_it(aiohttp_client, tmp_pat
     app[TRAINING_SETTINGS_KEY] = TrainingSettings(options=TrainOptions(copies=0), screens_dir=None)
     client = await aiohttp_client(app)
     csrf = await login(client, "admin")
-    first = await client.post("/api/samples/redapp/train", headers={"X-CSRF-Token": csrf})
-    assert first.status == 202
-    job = (await first.json())["job"]
+    # Two requests at once: exactly one starts.
+    both = await asyncio.gather(*(client.post(f"/api/samples/{label}/train", headers={"X-CSRF-Token": csrf})
+                                  for label in ("redapp", "other")))
+    assert sorted(r.status for r in both) == [202, 409]
+    (job,) = [(await r.json())["job"] for r in both if r.status == 202]
     assert await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
-    second = await client.post("/api/samples/other/train", headers={"X-CSRF-Token": csrf})
-    assert second.status == 409 and "already running (head 'redapp'" in (await second.json())["error"]
+    again = await client.post("/api/samples/other/train", headers={"X-CSRF-Token": csrf})
+    assert again.status == 409
+    assert f"already running (head {job['label']!r}, job {job['id']})" in (await again.json())["error"]
     jobs = app[TRAINING_KEY]
     await client.close()  # shutdown: the job is cancelled and its thread joined
     assert jobs.get(job["id"]).state == "failed" and "shut down" in jobs.get(job["id"]).error

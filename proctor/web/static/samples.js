@@ -113,7 +113,8 @@ function showJob(job) {
   progressEl.value = p.done || 0;
   trainStatus.dataset.state = job.state;
   if (job.state === "done") {
-    trainStatus.textContent = `Head ${job.label} ${job.replaced ? "retrained" : "trained"} and loaded (${job.seconds} s).`;
+    trainStatus.textContent = `Head ${job.label} ${job.replaced ? "retrained" : "trained"}`
+      + (job.active ? ` and loaded (${job.seconds} s).` : `, but it is deactivated: an admin activates it on the Heads page.`);
     const m = job.metrics || {};
     metricsEl.textContent = `Validation: recall ${m.recall}, false alarms ${m.false_alarm_rate}, false accepts ${m.false_accept_rate}, threshold ${m.threshold}\n`
       + `${job.positives} samples against ${job.negatives} screens of other programs.`;
