@@ -433,10 +433,10 @@ async def browser_server(tmp_path, store, users, engine, alert):
 
 
 @pytest.mark.browser
-async def test_record_train_and_send_an_alert_in_chromium(display, browser_server, store, alert):
+async def test_record_train_and_send_an_alert_in_chromium(display, browser_server, store, alert, tmp_path):
     from playwright.async_api import async_playwright
 
-    from test_web_browser import CHROMIUM, CHROMIUM_ARGS, _login, _until
+    from test_web_browser import CHROMIUM, CHROMIUM_ARGS, _login, _shot, _until
 
     base = browser_server
     async with async_playwright() as p:
@@ -470,6 +470,7 @@ async def test_record_train_and_send_an_alert_in_chromium(display, browser_serve
             assert "Head redapp trained and loaded" in await page.inner_text("#train-status")
             assert "recall" in await page.inner_text("#train-metrics")
             assert (await store.get_head("redapp")).program == "Red App"
+            await _shot(page, "record-samples.png", tmp_path)
 
             # The dashboard's alert dialog: false positive, it showed the code editor.
             await page.goto(f"{base}/teacher/exams/{alert.exam_id}")

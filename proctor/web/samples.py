@@ -20,7 +20,7 @@ from proctor.appkeys import CONFIG_KEY, STORE_KEY
 from proctor.batching import decode
 from proctor.server import _refuse, _ws_user
 from proctor.storage import validate
-from proctor.storage.base import InvalidData, Store, User
+from proctor.storage.base import InvalidData, Store, StoreError, User
 from proctor.training_jobs import TRAINING_KEY, JobRefused
 from proctor.web import services as sv
 from proctor.web.api import json_body, json_response
@@ -184,9 +184,13 @@ async def samples_socket(request: web.Request) -> web.StreamResponse:
         await ws.close(code=protocol.CLOSE_INTERNAL, message=b"internal error")
     finally:
         if recorder.stored:
-            # One audit entry per recording, not per frame.
-            await asyncio.shield(store.audit(user.id, "samples.recorded", f"head:{label}",
-                                             {"stored": recorder.stored, "total": recorder.count}))
+            # One audit entry per recording, not per frame; a database outage must not hide the socket's end.
+            try:
+                await asyncio.shield(store.audit(user.id, "samples.recorded", f"head:{label}",
+                                                 {"stored": recorder.stored, "total": recorder.count}))
+            except StoreError:
+                logger.exception("could not audit the %d samples of %s recorded by %s", recorder.stored, label,
+                                 user.username)
     return ws
 
 
