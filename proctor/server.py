@@ -32,6 +32,7 @@ from proctor.models.interface import Classifier
 from proctor.sessions import Hub, Outbox, StreamContext, StreamSession, alert_message
 from proctor.storage.base import NotFound, StoreError, User
 from proctor.storage.writer import WriteBehind, WriteQueueClosed, WriteQueueFull
+from proctor.training_jobs import training_ctx
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ def create_app(config: Config, *, store: Any = None, classifier: Classifier | No
     app.cleanup_ctx.append(_classifier_ctx(classifier))
     app.cleanup_ctx.append(_pipeline_ctx)
     app.cleanup_ctx.append(_notifications_ctx)
+    app.cleanup_ctx.append(training_ctx)
     app.router.add_get("/ws/exams/{exam_id:\\d+}/stream", stream_handler)
     app.router.add_get("/ws/exams/{exam_id:\\d+}/live", live_handler)
     app.router.add_get("/metrics", metrics_handler)

@@ -307,14 +307,7 @@ class SqlStore:
     # heads ---------------------------------------------------------------------------------------
 
     async def add_head(self, head: HeadRecord) -> HeadRecord:
-        v.head_name(head.name)
-        v.text("head program", head.program, max_length=200)
-        v.text("head description", head.description, max_length=2000, allow_empty=True)
-        v.text("backbone hash", head.backbone_hash, max_length=200)
-        v.threshold(head.threshold)
-        metrics = v.to_json("head metrics", head.metrics)
-        v.head_weights(head.weights)
-        created = v.timestamp("created_at", head.created_at)
+        metrics, created = _checked_head(head)
         try:
             async with self._connection() as c:
                 row = await c.fetchrow(
@@ -325,6 +318,20 @@ class SqlStore:
         except Conflict:
             raise Conflict(f"a head named {head.name!r} already exists") from None
         await self.publish("heads", {"name": head.name, "active": bool(head.active)})
+        return self._head(row)
+
+    async def replace_head(self, head: HeadRecord) -> HeadRecord:
+        """A retrained head under an existing name: new weights, threshold and metrics; active flag kept."""
+        metrics, created = _checked_head(head)
+        async with self._connection() as c:
+            row = await c.fetchrow(
+                "UPDATE heads SET program = ?, description = ?, threshold = ?, backbone_hash = ?, metrics = ?, "
+                "weights = ?, created_at = ? WHERE name = ? RETURNING *",
+                head.program, head.description, float(head.threshold), head.backbone_hash, metrics,
+                bytes(head.weights), self._ts(created), head.name)
+        if row is None:
+            raise NotFound(f"no head named {head.name!r}")
+        await self.publish("heads", {"name": head.name, "active": bool(row["active"])})
         return self._head(row)
 
     async def get_head(self, name: str) -> HeadRecord:
@@ -474,6 +481,11 @@ class SqlStore:
                                    "RETURNING id", label, data, source, self._ts(utcnow()))
         return int(row["id"])
 
+    async def count_samples(self) -> dict[str, int]:
+        async with self._connection() as c:
+            rows = await c.fetch("SELECT label, COUNT(*) AS n FROM samples GROUP BY label ORDER BY label")
+        return {r["label"]: int(r["n"]) for r in rows}
+
     async def list_samples(self, label: str | None = None) -> list[Sample]:
         async with self._connection() as c:
             if label is None:
@@ -582,3 +594,15 @@ def _int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidData(f"invalid {name} {value!r}: must be an integer")
     return value
+
+
+def _checked_head(head: HeadRecord) -> tuple[Any, Any]:
+    """Validate a head record; (metrics as JSON, created_at) ready for the INSERT or UPDATE."""
+    v.head_name(head.name)
+    v.text("head program", head.program, max_length=200)
+    v.text("head description", head.description, max_length=2000, allow_empty=True)
+    v.text("backbone hash", head.backbone_hash, max_length=200)
+    v.threshold(head.threshold)
+    metrics = v.to_json("head metrics", head.metrics)
+    v.head_weights(head.weights)
+    return metrics, v.timestamp("created_at", head.created_at)

@@ -8,7 +8,7 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from proctor.web import api, pages
+from proctor.web import api, pages, samples
 from proctor.web.auth import setup_auth
 
 STATIC_DIR = pathlib.Path(__file__).parent / "static"
@@ -22,6 +22,7 @@ def setup(app: web.Application) -> None:
     app.middlewares.append(pages.page_error_middleware)
     app.router.add_routes(api.routes)
     app.router.add_routes(pages.routes)
+    app.router.add_routes(samples.routes)
     app.router.add_static("/static/", STATIC_DIR, name="static")
 
 

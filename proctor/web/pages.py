@@ -221,7 +221,8 @@ async def review_page(request: web.Request) -> web.Response:
         entry["items"].sort(key=lambda item: item["at"] or "")
     ordered = sorted(students.values(), key=lambda s: (-s["alerts"], s["user"].username if s["user"] else ""))
     return await render("review.html", request, {"exam": exam, "students": ordered, "unreviewed": unreviewed,
-                                           "total": len(alerts)})
+                                           "total": len(alerts),
+                                           "active_heads": await store.list_heads(active_only=True)})
 
 
 @routes.post("/teacher/alerts/{id}/review")
