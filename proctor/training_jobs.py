@@ -142,13 +142,18 @@ class TrainingJobs:
     def running(self) -> Job | None:
         return next((j for j in self.jobs.values() if j.state in ("queued", "running")), None)
 
-    async def start(self, label: str, actor_id: int, program: str = "", description: str = "") -> Job:
-        """Check the label and the samples, then start training in the background; JobRefused says why not."""
+    async def start(self, label: str, actor_id: int, program: str = "", description: str = "",
+                    may_replace: bool = True) -> Job:
+        """Check the label and the samples, then start training in the background; JobRefused says why not.
+
+        may_replace: whether the actor may retrain an existing head (it changes every exam allowing it).
+        """
         # One start at a time: the busy check and registering the job must not interleave with another's.
         async with self._start_lock:
-            return await self._start(label, actor_id, program, description)
+            return await self._start(label, actor_id, program, description, may_replace)
 
-    async def _start(self, label: str, actor_id: int, program: str, description: str) -> Job:
+    async def _start(self, label: str, actor_id: int, program: str, description: str,
+                     may_replace: bool) -> Job:
         try:
             validate.head_name(label)
         except Exception as exc:  # InvalidData: the message names the value
@@ -167,6 +172,9 @@ class TrainingJobs:
             existing = await self.store.get_head(label)
         except NotFound:
             pass
+        if existing is not None and not may_replace:
+            raise JobRefused(403, f"head {label!r} exists and is used by every exam that allows it: only an "
+                                  "admin can retrain it; record under a new name, or ask an admin")
         program = (program or "").strip() or (existing.program if existing else label)
         description = (description or "").strip() or (existing.description if existing else "")
         if len(program) > 200 or len(description) > 2000:

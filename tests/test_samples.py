@@ -226,7 +226,11 @@ async def test_training_job_registers_the_head_and_every_node_loads_it(client, s
     assert scores.values[0, column] > head.threshold > scores.values[1, column]
 
     # Retraining the same label replaces the head's weights under its name (exams keep naming it).
+    # That changes every exam allowing the head, so a teacher may not; an admin may.
     await store.add_sample("redapp", tiny("red", 30), "false_positive")
+    resp = await client.post("/api/samples/redapp/train", headers={"X-CSRF-Token": csrf})
+    assert resp.status == 403 and "only an admin can retrain it" in (await resp.json())["error"]
+    csrf = await login(client, "admin")
     resp = await client.post("/api/samples/redapp/train", headers={"X-CSRF-Token": csrf})
     job = await poll(client, (await resp.json())["job"]["id"])
     assert job["state"] == "done" and job["replaced"] is True and job["positives"] == 11

@@ -215,7 +215,8 @@ async def api_train(request: web.Request) -> web.Response:
             raise sv.bad(f"field {name!r} must be a string")
         fields[name] = value
     try:
-        job = await request.app[TRAINING_KEY].start(label, actor.id, **fields)
+        job = await request.app[TRAINING_KEY].start(label, actor.id, **fields,
+                                                     may_replace=actor.role == "admin")
     except JobRefused as exc:
         raise sv.WebError(exc.status, exc.message) from None
     return json_response({"job": job.to_json()}, status=202)
