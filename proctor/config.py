@@ -42,6 +42,9 @@ class Config:
     # Mean absolute difference (0..255) of 32x18 grey thumbnails under which a screen counts as unchanged.
     change_threshold: float = 2.0
     decode_threads: int = 2
+    # "cpu": libjpeg-turbo in the decode threads; "gpu": nvJPEG batch decode on the CUDA device,
+    # which frees the CPU cores for many streams (needs device cuda).
+    decode_device: str = "cpu"
     tls_cert: str | None = None
     tls_key: str | None = None
     metrics_token: str | None = None
@@ -94,6 +97,9 @@ def _validate(c: Config) -> None:
     need(1 <= c.alert_n <= 50, "alert_n", c.alert_n, "must be 1..50")
     need(1 <= c.alert_k <= c.alert_n, "alert_k", c.alert_k, f"must be 1..alert_n ({c.alert_n})")
     need(0 <= c.change_threshold <= 255, "change_threshold", c.change_threshold, "must be 0..255")
+    need(c.decode_device in ("cpu", "gpu"), "decode_device", c.decode_device, "must be cpu or gpu")
+    need(not (c.decode_device == "gpu" and c.device == "cpu"), "decode_device", c.decode_device,
+         "gpu decoding needs --device cuda or auto")
     need(1 <= c.decode_threads <= 64, "decode_threads", c.decode_threads, "must be 1..64")
     need((c.tls_cert is None) == (c.tls_key is None), "tls_cert/tls_key", (c.tls_cert, c.tls_key),
          "give both or neither")

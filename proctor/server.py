@@ -184,11 +184,37 @@ async def _pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     def prepare(jpeg: bytes):
         return decode.decode_rgb(jpeg, classifier.frame_size)
 
-    def infer(frames: list) -> list:
-        scores = classifier.classify(frames)
-        return [(scores.heads, scores.values[i]) for i in range(len(frames))]
+    def rows(scores) -> list:
+        return [(scores.heads, scores.values[i]) for i in range(len(scores.values))]
 
-    batcher = DynamicBatcher(prepare=prepare, infer=infer, decode_executor=decode_pool,
+    def infer(frames: list) -> list:
+        return rows(classifier.classify(frames))
+
+    def infer_jpegs(jpegs: list) -> list:
+        try:
+            return rows(classifier.classify_jpegs(jpegs))
+        except Exception:
+            # A corrupt frame fails nvJPEG's whole batch: decode this batch on the CPU, frame by frame,
+            # so only the bad frame fails.
+            frames, results = [], []
+            for jpeg in jpegs:
+                try:
+                    frames.append(prepare(jpeg))
+                    results.append(None)
+                except decode.DecodeError as exc:
+                    results.append(exc)
+            scored = iter(rows(classifier.classify(frames))) if frames else iter(())
+            return [next(scored) if result is None else result for result in results]
+
+    if config.decode_device == "gpu":
+        if getattr(classifier, "device", None) is None or classifier.device.type != "cuda":
+            raise RuntimeError("decode_device=gpu needs the model on a CUDA device; none is in use")
+        logger.info("JPEG frames are decoded on %s in batches", classifier.device)
+        prepare_step, infer_step = (lambda jpeg: jpeg), infer_jpegs
+    else:
+        prepare_step, infer_step = prepare, infer
+
+    batcher = DynamicBatcher(prepare=prepare_step, infer=infer_step, decode_executor=decode_pool,
                              infer_executor=infer_pool, max_batch=config.max_batch,
                              max_wait_s=config.max_wait_s, max_queue=config.queue_size,
                              decode_chunks=config.decode_threads, metrics=metrics)

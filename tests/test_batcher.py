@@ -273,3 +273,19 @@ async def test_close_fails_frames_being_decoded_or_in_the_model(pools):
         with pytest.raises(BatcherClosed):
             future.result()
     assert not batcher._in_flight and batcher.depth == 0
+
+
+async def test_an_exception_in_place_of_a_result_fails_that_frame_alone(pools):
+    decode, infer_pool = pools
+
+    def infer(items):
+        return [ValueError(f"frame {i} is corrupt") if i < 0 else i * 2 for i in items]
+
+    batcher = DynamicBatcher(prepare=lambda x: x, infer=infer, decode_executor=decode, infer_executor=infer_pool,
+                             max_batch=4, max_wait_s=0.02, max_queue=10)
+    batcher.start()
+    good, bad = batcher.submit("a", 3), batcher.submit("b", -1)
+    assert await good == 6
+    with pytest.raises(ValueError, match="frame -1 is corrupt"):
+        await bad
+    await batcher.close()

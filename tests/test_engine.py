@@ -250,3 +250,36 @@ def test_cuda_runtime_matches_the_cpu(onnx_engine, backbone, precision):
     frames = _frames(6) + [np.zeros((72, 128, 3), np.uint8)]
     np.testing.assert_allclose(cuda.classify(frames).values, onnx_engine.classify(frames).values,
                                atol=2e-2 if precision == "fp16" else 1e-4)
+
+
+def test_classify_jpegs_decodes_on_the_engines_device_and_agrees_with_classify(torch_engine, backbone):
+    import warnings
+
+    import simplejpeg
+    import torchvision
+
+    from proctor.batching import decode
+
+    torch_engine.set_heads(_heads(backbone.spec, 3))
+    rng = np.random.default_rng(5)
+    width, height = torch_engine.frame_size
+    jpegs, reference = [], []
+    for _ in range(3):
+        blocks = rng.integers(0, 255, (height // 4, width // 4, 3), dtype=np.uint8)
+        pixels = np.ascontiguousarray(np.kron(blocks, np.ones((4, 4, 1), np.uint8)))
+        jpegs.append(simplejpeg.encode_jpeg(pixels, quality=95, colorspace="RGB"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            image = torchvision.io.decode_jpeg(torch.frombuffer(bytearray(jpegs[-1]), dtype=torch.uint8),
+                                               mode=torchvision.io.ImageReadMode.RGB)
+        reference.append(image.permute(1, 2, 0).numpy())
+        # The batch decoder sees the same screen as the server's CPU decoder, up to IDCT rounding.
+        assert np.abs(reference[-1].astype(int) - decode.decode_rgb(jpegs[-1], (width, height))).mean() < 4
+    calls = torch_engine.backbone_calls
+    on_device = torch_engine.classify_jpegs(jpegs)
+    assert torch_engine.backbone_calls == calls + 1  # one backbone pass for the batch
+    np.testing.assert_allclose(on_device.values, torch_engine.classify(reference).values, atol=1e-5)
+    big = simplejpeg.encode_jpeg(np.zeros((720, 1280, 3), np.uint8), colorspace="RGB")
+    assert torch_engine.classify_jpegs([big]).values.shape == (1, 3)  # resized to the model's size
+    with pytest.raises(RuntimeError):
+        torch_engine.classify_jpegs([jpegs[0], jpegs[1][: len(jpegs[1]) // 3]])

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+from types import SimpleNamespace
 
 import aiohttp
 import numpy as np
 import pytest
 import simplejpeg
-from aiohttp import WSMsgType
+from aiohttp import WSMsgType, web
 
 from fakes import FakeClassifier, HeaderAuthenticator, add_fake_heads, screen
 from proctor import protocol
+from proctor.batching import decode
 from proctor.config import Config
 from proctor.passwords import hash_password
 from proctor.server import BATCHER_KEY, create_app
@@ -479,3 +481,54 @@ async def test_forwarded_headers_only_from_trusted_proxies(server, hall, trusted
         with pytest.raises(aiohttp.WSServerHandshakeError) as info:
             await client.ws_connect(f"/ws/exams/{hall['exam'].id}/stream", headers=headers)
         assert info.value.status == 403
+
+
+class FakeGpuClassifier(FakeClassifier):
+    """Says it runs on CUDA and decodes JPEG batches itself, like Engine.classify_jpegs on a GPU."""
+
+    device = SimpleNamespace(type="cuda")
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.jpeg_batches = []
+
+    def classify_jpegs(self, jpegs):
+        self.jpeg_batches.append(len(jpegs))
+        if any(REJECT_MARK in j for j in jpegs):
+            raise RuntimeError("nvJPEG: unsupported JPEG")  # as a device decoder fails a whole batch
+        return self.classify([decode.decode_rgb(j, self.frame_size) for j in jpegs])
+
+
+REJECT_MARK = b"device decoder rejects this"
+
+
+def with_comment(jpeg: bytes, text: bytes) -> bytes:
+    """The same JPEG with a COM segment after SOI: valid for libjpeg-turbo."""
+    return jpeg[:2] + b"\xff\xfe" + (len(text) + 2).to_bytes(2, "big") + text + jpeg[2:]
+
+
+async def test_gpu_decoding_batches_jpegs_and_falls_back_to_the_cpu(store, hall, tmp_path, aiohttp_client):
+    classifier = FakeGpuClassifier()
+    app = create_app(make_config(tmp_path, decode_device="gpu", max_wait_ms=100.0), store=store,
+                     classifier=classifier, authenticator=HeaderAuthenticator(store))
+    client = await aiohttp_client(app)
+    alice = await connect_student(client, hall["a"], hall["exam"])
+    bob = await connect_student(client, hall["b"], hall["exam"])
+    await asyncio.gather(send_frame(alice, 1, screen("green")),
+                         send_frame(bob, 1, with_comment(screen("blue"), REJECT_MARK)))
+    a, b = await answer_for(alice, 1), await answer_for(bob, 1)
+    # The device decoder refused the batch; the server decoded it on the CPU and both got verdicts.
+    assert classifier.jpeg_batches == [2]
+    assert a["type"] == "verdict" and a["status"] == "ok"
+    assert b["type"] == "verdict" and b["program"] == "Terminal"
+    await alice.close()
+    await bob.close()
+
+
+async def test_gpu_decoding_without_a_gpu_model_refuses_to_start(store, tmp_path):
+    app = create_app(make_config(tmp_path, decode_device="gpu"), store=store, classifier=FakeClassifier(),
+                     authenticator=HeaderAuthenticator(store))
+    runner = web.AppRunner(app)
+    with pytest.raises(RuntimeError, match="decode_device=gpu needs the model on a CUDA device"):
+        await runner.setup()
+    await runner.cleanup()

@@ -11,7 +11,8 @@ Rules:
   still busy with the previous batch the next one keeps filling, so batches grow under load;
 - decode of the next batch overlaps inference of the current one;
 - every future handed out is resolved or failed exactly once; frames whose future was
-  cancelled (session gone) are skipped; outputs are checked against inputs in length.
+  cancelled (session gone) are skipped; outputs are checked against inputs in length, and an
+  exception in place of a frame's result fails that frame alone.
 """
 
 from __future__ import annotations
@@ -245,7 +246,9 @@ class DynamicBatcher(Generic[T, P, R]):
                 self._metrics.inference_seconds.observe(loop.time() - started)
                 self._metrics.frames_classified.inc(len(batch))
             for entry, result in zip(batch, results):
-                if not entry.future.done():
+                if isinstance(result, BaseException):  # infer may fail single frames of a batch
+                    _fail(entry, result)
+                elif not entry.future.done():
                     entry.future.set_result(result)
 
     def _update_depth(self) -> None:

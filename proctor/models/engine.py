@@ -13,15 +13,18 @@ import copy
 import logging
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
+import torchvision
 
 from proctor.models.backbone import (
-    Backbone, BackboneError, BackboneLibrary, BackboneSpec, check_frames, feature_dim, frames_to_tensor, random_backbone, to_input,
+    Backbone, BackboneError, BackboneLibrary, BackboneSpec, check_frames, feature_dim, frames_to_tensor, random_backbone,
+    resize, to_input,
 )
 from proctor.models.heads import Head, HeadError, HeadStack, load_heads
 from proctor.models.interface import HeadInfo, Preprocessing, Scores
@@ -193,14 +196,39 @@ class Engine:
             check_frames(frames)  # bad input is refused the same way with or without heads
             return Scores(state.infos, np.zeros((len(frames), 0), np.float32))
         batch = frames_to_tensor(frames, state.frame_size, self.device, pin=self.device.type == "cuda")
-        values = torch.empty((len(frames), len(state.infos)), dtype=torch.float32, device=self.device)
+        return self._score(batch, state)
+
+    def classify_jpegs(self, jpegs: Sequence[bytes]) -> Scores:
+        """Decode a batch of JPEGs on this engine's device (nvJPEG on CUDA), then score them like classify().
+
+        The CPU then only checks JPEG headers; one corrupt frame fails the whole call (the server then
+        decodes that batch on the CPU frame by frame, so only the bad frame fails).
+        """
+        state = self._state
+        if len(jpegs) == 0:
+            return Scores(state.infos, np.zeros((0, len(state.infos)), np.float32))
+        data = [torch.frombuffer(bytearray(jpeg), dtype=torch.uint8) for jpeg in jpegs]
+        with warnings.catch_warnings():
+            # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec, which would add
+            # FFmpeg to the install; decode_jpeg is still the batched nvJPEG path of the pinned version.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            images = torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=self.device)
+        width, height = state.frame_size
+        batch = torch.cat([resize(image.unsqueeze(0).float(), width, height) for image in images])
+        return self._score(batch, state)
+
+    def _score(self, batch: torch.Tensor, state: "_State") -> Scores:
+        count = batch.shape[0]
+        if not state.groups:
+            return Scores(state.infos, np.zeros((count, 0), np.float32))
+        values = torch.empty((count, len(state.infos)), dtype=torch.float32, device=self.device)
         for group in state.groups:
             features = group.runner(to_input(batch, group.preprocessing))
             self._backbone_calls += 1
             values[:, group.columns] = group.stack.apply(features.to(self.device))
         out = values.cpu().numpy()
-        if len(out) != len(frames):
-            raise EngineError(f"the model returned {len(out)} rows for {len(frames)} frames")
+        if len(out) != count:
+            raise EngineError(f"the model returned {len(out)} rows for {count} frames")
         return Scores(state.infos, out)
 
     # --- heads ----------------------------------------------------------------------------------------------
