@@ -89,7 +89,10 @@ async def test_alert_from_node_b_reaches_teacher_on_node_a(postgres_url, tmp_pat
             presence = await teacher_gets("presence")
             assert presence["username"] == "student" and presence["state"] == "live"
             for seq in range(2):
+                # One at a time: a frame sent while the previous one is queued would replace it.
                 await student_ws.send_bytes(protocol.pack_frame(seq, 0.0, screen("red", seed=seq)))
+                while (await student_ws.receive_json(timeout=10)).get("seq") != seq:
+                    pass
             alert = await teacher_gets("alert")
             assert alert["alert"]["program"] == "Chat web app"
             assert alert["alert"]["username"] == "student"
