@@ -60,12 +60,13 @@ class TrainOptions:
     seed: int = 0
     augment: bool = True
     # Augmented copies per training image (the original is always used too).
-    copies: int = 4
+    copies: int = 8
     # L2 penalty on the standardised-feature weights.
     l2: float = 1.0
     cache_dir: str | os.PathLike | None = None
-    # Where the threshold sits between the highest negative (0) and the lowest passing positive (1), in logits.
-    threshold_position: float = 0.5
+    # Where the threshold sits between the highest negative (0) and the lowest passing positive (1), in logits;
+    # nearer the negatives, because screens of new sizes score lower than the validation positives did.
+    threshold_position: float = 0.25
 
     def check(self) -> None:
         if not 0.0 < self.target_far < 0.5:
@@ -74,6 +75,8 @@ class TrainOptions:
             raise TrainingError(f"invalid validation fraction {self.val_fraction!r}: must be in [0.05, 0.5]")
         if not 0 <= self.copies <= 32:
             raise TrainingError(f"invalid augmented copies {self.copies!r}: must be 0..32")
+        if not 0.0 <= self.threshold_position <= 1.0:
+            raise TrainingError(f"invalid threshold position {self.threshold_position!r}: must be in [0, 1]")
         if not 1 <= self.hidden <= 4096:
             raise TrainingError(f"invalid hidden size {self.hidden!r}: must be 1..4096")
 
@@ -364,9 +367,9 @@ def _logit(p: float) -> float:
 def pick_threshold(pos: np.ndarray, neg: np.ndarray, target_far: float, position: float = 0.5) -> float:
     """Threshold so that at most target_far of the positives score below it, with a margin toward the negatives.
 
-    Among thresholds that keep the false-alarm rate within target, the one halfway (in logit space)
-    between the lowest positive allowed to pass and the highest negative under it: both kinds of error
-    get room on unseen frames.
+    Among thresholds that keep the false-alarm rate within target, the one `position` of the way (in
+    logit space) from the highest negative under the lowest positive allowed to pass toward that
+    positive: both kinds of error get room on unseen frames.
     """
     pos = np.sort(pos)
     allowed_misses = int(math.floor(target_far * len(pos) + 1e-9))
