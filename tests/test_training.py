@@ -111,7 +111,7 @@ def test_mlp_head_and_file_round_trip(tiny, tmp_path):
     assert again.threshold == result.head.threshold and again.metrics["kind"] == "mlp"
 
 
-def test_augment_is_deterministic_and_keeps_size():
+def test_augment_is_deterministic_and_varies_with_the_seed():
     img = Image.new("RGB", (320, 180), (250, 250, 250))
     a, b = training.augment(img, 7), training.augment(img, 7)
     assert np.array_equal(np.asarray(a), np.asarray(b))

@@ -41,7 +41,7 @@ Progress = Callable[[str, int, int], None]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # Bump when the augmentation changes, so cached features of the old augmentation are not reused.
-AUGMENT_VERSION = 1
+AUGMENT_VERSION = 2
 MAX_DECODE_PIXELS = 4096 * 4096
 
 
@@ -60,10 +60,13 @@ class TrainOptions:
     seed: int = 0
     augment: bool = True
     # Augmented copies per training image (the original is always used too).
-    copies: int = 4
+    copies: int = 8
     # L2 penalty on the standardised-feature weights.
-    l2: float = 1e-2
+    l2: float = 1.0
     cache_dir: str | os.PathLike | None = None
+    # Where the threshold sits between the highest negative (0) and the lowest passing positive (1), in logits;
+    # nearer the negatives, because screens of new sizes score lower than the validation positives did.
+    threshold_position: float = 0.25
 
     def check(self) -> None:
         if not 0.0 < self.target_far < 0.5:
@@ -72,6 +75,8 @@ class TrainOptions:
             raise TrainingError(f"invalid validation fraction {self.val_fraction!r}: must be in [0.05, 0.5]")
         if not 0 <= self.copies <= 32:
             raise TrainingError(f"invalid augmented copies {self.copies!r}: must be 0..32")
+        if not 0.0 <= self.threshold_position <= 1.0:
+            raise TrainingError(f"invalid threshold position {self.threshold_position!r}: must be in [0, 1]")
         if not 1 <= self.hidden <= 4096:
             raise TrainingError(f"invalid hidden size {self.hidden!r}: must be 1..4096")
 
@@ -184,8 +189,16 @@ def _cover(rng: random.Random, img: Image.Image) -> None:
 
 
 def augment(img: Image.Image, seed: int) -> Image.Image:
-    """One plausible variant of a full screenshot as a student's stream might show it (deterministic per seed)."""
+    """One plausible variant of a full screenshot as a student's stream might show it (deterministic per seed).
+
+    The result may differ in size and aspect ratio from the input, like real screens do.
+    """
     rng = random.Random(seed)
+    if rng.random() < 0.3:
+        # A 4:3 or 16:10 screen shows less width than a 16:9 one; the backbone input is still 16:9.
+        keep = int(img.width * rng.uniform(0.75, 0.95))
+        left = rng.randint(0, img.width - keep)
+        img = img.crop((left, 0, left + keep, img.height))
     w, h = img.size
     out = img
     if rng.random() < 0.6:
@@ -351,19 +364,19 @@ def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
-def pick_threshold(pos: np.ndarray, neg: np.ndarray, target_far: float) -> float:
+def pick_threshold(pos: np.ndarray, neg: np.ndarray, target_far: float, position: float = 0.5) -> float:
     """Threshold so that at most target_far of the positives score below it, with a margin toward the negatives.
 
-    Among thresholds that keep the false-alarm rate within target, the one halfway (in logit space)
-    between the lowest positive allowed to pass and the highest negative under it: both kinds of error
-    get room on unseen frames.
+    Among thresholds that keep the false-alarm rate within target, the one `position` of the way (in
+    logit space) from the highest negative under the lowest positive allowed to pass toward that
+    positive: both kinds of error get room on unseen frames.
     """
     pos = np.sort(pos)
     allowed_misses = int(math.floor(target_far * len(pos) + 1e-9))
     low_pos = float(pos[allowed_misses])
     below = neg[neg < low_pos]
     high_neg = float(below.max()) if below.size else min(low_pos / 2, 1e-3)
-    t = 1 / (1 + math.exp(-(_logit(low_pos) + _logit(high_neg)) / 2))
+    t = 1 / (1 + math.exp(-(_logit(high_neg) + position * (_logit(low_pos) - _logit(high_neg)))))
     # A head threshold lies strictly inside (0, 1), and never above the lowest positive it must pass.
     return float(min(max(t, 1e-6), 1 - 1e-6, low_pos))
 
@@ -420,7 +433,7 @@ def train_head(name: str, positives: Sequence[ImageSource] | str | os.PathLike,
     provisional = make_head(name, program or name, kind, tensors, backbone.spec, threshold=0.5)
     val_scores = provisional.scores(val_feats)
     threshold = pick_threshold(val_scores[labels[val_idx] == 1], val_scores[labels[val_idx] == 0],
-                               options.target_far)
+                               options.target_far, options.threshold_position)
     metrics = evaluate(val_scores, labels[val_idx], threshold)
     metrics.update({"threshold": round(threshold, 6), "target_far": options.target_far, "kind": kind,
                     "augmented_copies": variants - 1, "train_positives": int((labels[train_idx] == 1).sum()),
