@@ -638,3 +638,21 @@ def test_openapi_file_lists_every_api_route_and_nothing_else(tmp_path):
         else:
             served.add((route.method, path))
     assert documented == served
+
+
+async def test_alert_lists_do_not_read_the_evidence_of_every_alert(client, world, monkeypatch):
+    asked = []
+    real = world.store.list_alerts
+
+    async def spy(*args, **kwargs):
+        asked.append(kwargs.get("with_evidence", True))
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(world.store, "list_alerts", spy)
+    await login(client, "teach-a")
+    resp = await client.get(f"/api/exams/{world.exam_a.id}/alerts")
+    assert resp.status == 200
+    assert [a["id"] for a in (await resp.json())["alerts"]] == [world.alert.id]
+    assert (await client.get(f"/api/exams/{world.exam_a.id}/export.csv")).status == 200
+    assert (await client.get(f"/teacher/exams/{world.exam_a.id}/review")).status == 200
+    assert asked == [False, False, False]
