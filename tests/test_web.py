@@ -656,3 +656,21 @@ async def test_alert_lists_do_not_read_the_evidence_of_every_alert(client, world
     assert (await client.get(f"/api/exams/{world.exam_a.id}/export.csv")).status == 200
     assert (await client.get(f"/teacher/exams/{world.exam_a.id}/review")).status == 200
     assert asked == [False, False, False]
+
+
+async def test_head_upload_is_checked_off_the_event_loop(aiohttp_client, world, tmp_path):
+    import threading
+
+    threads = []
+
+    class Checker:
+        def check_head(self, head):
+            threads.append(threading.current_thread())  # the engine may load a backbone here: seconds
+            return None
+
+    client = await aiohttp_client(make_app(world, tmp_path, classifier=Checker()))
+    token = await login(client, "admin1")
+    resp = await client.post("/api/heads?filename=new.safetensors", data=head_file("newhead", "New"),
+                             headers={"X-CSRF-Token": token, "Content-Type": "application/octet-stream"})
+    assert resp.status == 201, await resp.text()
+    assert len(threads) == 1 and threads[0] is not threading.current_thread()

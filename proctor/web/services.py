@@ -474,7 +474,8 @@ def parse_head_file(data: bytes, filename: str = "head file", classifier: Any = 
 
 
 async def add_head(store: Store, actor: User, data: bytes, filename: str, classifier: Any = None) -> HeadRecord:
-    record = parse_head_file(data, filename, classifier)
+    # Off the event loop: parsing imports torch on first use and check_head may load a backbone (seconds).
+    record = await asyncio.get_running_loop().run_in_executor(None, parse_head_file, data, filename, classifier)
     try:
         head = await store.add_head(record)
     except Conflict:
