@@ -29,7 +29,7 @@ from proctor.batching.batcher import DynamicBatcher
 from proctor.config import Config
 from proctor.metrics import Metrics
 from proctor.models.interface import Classifier
-from proctor.sessions import Hub, Outbox, StreamContext, StreamSession, alert_message
+from proctor.sessions import Hub, Outbox, StreamContext, StreamSession, alert_message, alert_thumbnail
 from proctor.storage.base import NotFound, StoreError, User
 from proctor.storage.writer import WriteBehind, WriteQueueClosed, WriteQueueFull
 from proctor.training_jobs import training_ctx
@@ -267,8 +267,7 @@ async def _relay_alert(app: web.Application, payload: dict[str, Any]) -> None:
     store = app[STORE_KEY]
     alert = await store.get_alert(payload["id"])
     user = await store.get_user(alert.student_id)
-    loop = asyncio.get_running_loop()
-    thumb = await loop.run_in_executor(None, decode.evidence_thumbnail, alert.evidence)
+    thumb = await alert_thumbnail(alert.evidence)
     app[HUB_KEY].alert_opened(alert.exam_id, user, alert_message(alert, user, thumb))
 
 

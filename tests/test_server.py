@@ -479,3 +479,12 @@ async def test_forwarded_headers_only_from_trusted_proxies(server, hall, trusted
         with pytest.raises(aiohttp.WSServerHandshakeError) as info:
             await client.ws_connect(f"/ws/exams/{hall['exam'].id}/stream", headers=headers)
         assert info.value.status == 403
+
+
+async def test_alert_thumbnail_of_evidence_that_does_not_decode_is_empty():
+    from proctor.sessions import alert_thumbnail
+
+    # Before: the cross-node relay raised and the teachers of that node never saw the alert.
+    assert await alert_thumbnail(b"\xff\xd8\xff\xe0" + b"\x00" * 64) == b""
+    thumb = await alert_thumbnail(screen("red"))
+    assert thumb[:2] == b"\xff\xd8"
