@@ -12,6 +12,7 @@ import asyncio
 import functools
 import hmac
 import importlib
+import json
 import logging
 import ssl
 from concurrent.futures import ThreadPoolExecutor
@@ -273,17 +274,19 @@ async def _relay_alert(app: web.Application, payload: dict[str, Any]) -> None:
 
 # -- WebSocket endpoints -------------------------------------------------------------------------
 
-def _refuse(status: type[web.HTTPException], message: str) -> web.HTTPException:
-    return status(text=f'{{"error": "{message}"}}', content_type="application/json")
+def refuse(status: type[web.HTTPException], message: str) -> web.HTTPException:
+    """A WebSocket handshake refused with a JSON error (every /ws/ endpoint answers the same way)."""
+    return status(text=json.dumps({"error": message}), content_type="application/json")
 
 
-async def _ws_user(request: web.Request) -> User:
+async def ws_user(request: web.Request) -> User:
+    """The logged-in user of a WebSocket handshake whose Origin is allowed; refuses (403/401) otherwise."""
     auth = request.app[AUTH_KEY]
     if not auth.origin_allowed(request):
-        raise _refuse(web.HTTPForbidden, "WebSocket Origin not allowed")
+        raise refuse(web.HTTPForbidden, "WebSocket Origin not allowed")
     user = await auth.current_user(request)
     if user is None:
-        raise _refuse(web.HTTPUnauthorized, "log in first")
+        raise refuse(web.HTTPUnauthorized, "log in first")
     return user
 
 
@@ -291,20 +294,20 @@ async def _exam_of(request: web.Request):
     try:
         return await request.app[STORE_KEY].get_exam(int(request.match_info["exam_id"]))
     except NotFound:
-        raise _refuse(web.HTTPNotFound, "no such exam") from None
+        raise refuse(web.HTTPNotFound, "no such exam") from None
 
 
 async def stream_handler(request: web.Request) -> web.StreamResponse:
     """A student's screen stream into one running exam they are on the roster of."""
-    user = await _ws_user(request)
+    user = await ws_user(request)
     exam = await _exam_of(request)
     store = request.app[STORE_KEY]
     if user.role != "student":
-        raise _refuse(web.HTTPForbidden, "only students stream their screen")
+        raise refuse(web.HTTPForbidden, "only students stream their screen")
     if not await store.is_on_roster(exam.id, user.id):
-        raise _refuse(web.HTTPForbidden, "you are not on this exam's roster")
+        raise refuse(web.HTTPForbidden, "you are not on this exam's roster")
     if exam.state != "running":
-        raise _refuse(web.HTTPConflict, f"the exam is {exam.state}, not running")
+        raise refuse(web.HTTPConflict, f"the exam is {exam.state}, not running")
     config = request.app[CONFIG_KEY]
     # Messages up to twice the frame limit are read and refused with an error; beyond that,
     # aiohttp stops reading and closes with 1009 so a 50 MB message never sits in memory.
@@ -322,10 +325,10 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
 
 async def live_handler(request: web.Request) -> web.StreamResponse:
     """A teacher's live view of one exam: snapshot, then presence and alerts as they happen."""
-    user = await _ws_user(request)
+    user = await ws_user(request)
     exam = await _exam_of(request)
     if user.role != "admin" and exam.owner_id != user.id:
-        raise _refuse(web.HTTPForbidden, "this exam belongs to another teacher")
+        raise refuse(web.HTTPForbidden, "this exam belongs to another teacher")
     store = request.app[STORE_KEY]
     ws = web.WebSocketResponse(heartbeat=30.0)
     await ws.prepare(request)

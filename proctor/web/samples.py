@@ -18,7 +18,7 @@ from aiohttp import WSMsgType, web
 from proctor import protocol
 from proctor.appkeys import CONFIG_KEY, STORE_KEY
 from proctor.batching import decode
-from proctor.server import _refuse, _ws_user
+from proctor.server import refuse, ws_user
 from proctor.storage import validate
 from proctor.storage.base import InvalidData, Store, StoreError, User
 from proctor.training_jobs import TRAINING_KEY, JobRefused
@@ -163,13 +163,13 @@ class _Recorder:
 @routes.get("/ws/samples")
 async def samples_socket(request: web.Request) -> web.StreamResponse:
     """A teacher's or admin's screen recorded as positive samples of `?label=`."""
-    user = await _ws_user(request)
+    user = await ws_user(request)
     if user.role not in _STAFF:
-        raise _refuse(web.HTTPForbidden, "only teachers and admins record samples")
+        raise refuse(web.HTTPForbidden, "only teachers and admins record samples")
     try:
         label = validate.head_name(request.query.get("label", ""))
     except InvalidData as exc:
-        raise web.HTTPBadRequest(text=json.dumps({"error": str(exc)}), content_type="application/json") from None
+        raise refuse(web.HTTPBadRequest, str(exc)) from None
     store = _store(request)
     count = (await store.count_samples()).get(label, 0)
     config = request.app[CONFIG_KEY]
