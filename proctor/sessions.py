@@ -55,6 +55,8 @@ class Outbox:
         self._metrics = metrics
         self._queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=limit)
         self._task = asyncio.create_task(self._run(), name="outbox")
+        # The loop keeps only weak references to tasks: an unreferenced close could vanish half done.
+        self._close_task: asyncio.Task | None = None
         self.overflowed = False
 
     def send(self, message: dict[str, Any]) -> None:
@@ -66,7 +68,8 @@ class Outbox:
             self.overflowed = True
             logger.warning("client too slow: %d messages unread, closing its socket", self._queue.qsize())
             self._metrics.websocket_errors.labels("slow_client").inc()
-            asyncio.create_task(self._ws.close(code=protocol.CLOSE_POLICY, message=b"client too slow"))
+            self._close_task = asyncio.create_task(
+                self._ws.close(code=protocol.CLOSE_POLICY, message=b"client too slow"), name="outbox-close")
 
     async def _run(self) -> None:
         while True:
@@ -90,6 +93,8 @@ class Outbox:
                 await asyncio.wait_for(self._task, 2.0)
             except (asyncio.TimeoutError, asyncio.CancelledError):
                 self._task.cancel()
+        if self._close_task is not None:
+            await asyncio.gather(self._close_task, return_exceptions=True)
 
 
 @dataclass

@@ -488,3 +488,30 @@ async def test_alert_thumbnail_of_evidence_that_does_not_decode_is_empty():
     assert await alert_thumbnail(b"\xff\xd8\xff\xe0" + b"\x00" * 64) == b""
     thumb = await alert_thumbnail(screen("red"))
     assert thumb[:2] == b"\xff\xd8"
+
+
+async def test_outbox_of_a_client_that_stops_reading_closes_its_socket():
+    from proctor.metrics import Metrics
+    from proctor.sessions import Outbox
+
+    class StuckSocket:
+        closed = False
+        close_args = None
+
+        async def send_json(self, message):
+            await asyncio.Event().wait()  # the client never reads
+
+        async def close(self, code, message):
+            self.close_args = (code, message)
+            self.closed = True
+
+    ws = StuckSocket()
+    metrics = Metrics()
+    outbox = Outbox(ws, metrics, limit=3)
+    for i in range(5):  # one is taken by the stuck writer, three fill the queue, the fifth overflows
+        outbox.send({"type": "verdict", "seq": i})
+        await asyncio.sleep(0)
+    assert outbox.overflowed
+    await outbox.close()
+    assert ws.close_args == (protocol.CLOSE_POLICY, b"client too slow")
+    assert metrics.websocket_errors.labels("slow_client")._value.get() == 1
