@@ -68,6 +68,7 @@ def create_app(config: Config, *, store: Any = None, classifier: Classifier | No
     app.cleanup_ctx.append(_pipeline_ctx)
     app.cleanup_ctx.append(_notifications_ctx)
     app.cleanup_ctx.append(training_ctx)
+    app.on_shutdown.append(_close_sockets)
     app.router.add_get("/ws/exams/{exam_id:\\d+}/stream", stream_handler)
     app.router.add_get("/ws/exams/{exam_id:\\d+}/live", live_handler)
     app.router.add_get("/metrics", metrics_handler)
@@ -220,8 +221,21 @@ async def _pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
         await asyncio.gather(stale_task, return_exceptions=True)
         await hub.close_all(protocol.CLOSE_GOING_AWAY, "server shutting down")
         await batcher.close()
-        decode_pool.shutdown(wait=True)
-        infer_pool.shutdown(wait=True)
+        # Joining the threads waits for a batch in the model: not on the event loop.
+        loop = asyncio.get_running_loop()
+        for pool in (decode_pool, infer_pool):
+            await loop.run_in_executor(None, functools.partial(pool.shutdown, wait=True))
+
+
+async def _close_sockets(app: web.Application) -> None:
+    """on_shutdown: close every stream and live view now (1001).
+
+    aiohttp waits for running handlers (up to its 60 s shutdown timeout, then cancels them) before
+    cleanup_ctx runs, and a WebSocket handler only ends when its socket does.
+    """
+    hub = app.get(HUB_KEY)
+    if hub is not None:
+        await hub.close_all(protocol.CLOSE_GOING_AWAY, "server shutting down")
 
 
 async def _watch_stale(hub: Hub) -> None:

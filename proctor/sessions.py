@@ -83,6 +83,11 @@ class Outbox:
             except (ConnectionError, RuntimeError):
                 return  # socket closed under us; the reader side cleans up
 
+    async def close_socket(self, code: int, reason: str) -> None:
+        """Close the WebSocket itself (its handler then ends and calls close())."""
+        if not self._ws.closed:
+            await self._ws.close(code=code, message=reason.encode())
+
     async def close(self) -> None:
         if not self._task.done():
             try:
@@ -221,12 +226,15 @@ class Hub:
                 session.check_stale(now)
 
     async def close_exam(self, exam_id: int, code: int, reason: str) -> None:
-        for session in self.streams(exam_id):
-            await session.close(code, reason)
+        """Close every student stream of the exam, all at once: each close waits for its client's reply."""
+        await asyncio.gather(*(session.close(code, reason) for session in self.streams(exam_id)))
 
     async def close_all(self, code: int, reason: str) -> None:
-        for exam_id in list(self._rooms):
-            await self.close_exam(exam_id, code, reason)
+        """Close every student stream and teacher live view of this node (server shutdown)."""
+        rooms = list(self._rooms.items())
+        teachers = [outbox for _, room in rooms for outbox in room.teachers]
+        await asyncio.gather(*(self.close_exam(exam_id, code, reason) for exam_id, _ in rooms),
+                             *(outbox.close_socket(code, reason) for outbox in teachers))
 
 
 @dataclass

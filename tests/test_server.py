@@ -515,3 +515,16 @@ async def test_outbox_of_a_client_that_stops_reading_closes_its_socket():
     await outbox.close()
     assert ws.close_args == (protocol.CLOSE_POLICY, b"client too slow")
     assert metrics.websocket_errors.labels("slow_client")._value.get() == 1
+
+
+async def test_shutdown_closes_streams_and_live_views_with_going_away_at_once(server, hall):
+    client = await server()
+    student = await connect_student(client, hall["a"], hall["exam"])
+    teacher = await client.ws_connect(f"/ws/exams/{hall['exam'].id}/live",
+                                      headers=ws_headers(client, hall["teacher"]))
+    assert (await teacher.receive_json(timeout=5))["type"] == "snapshot"
+    # Before: the handlers kept running until aiohttp's 60 s shutdown timeout cancelled them.
+    closing = asyncio.create_task(client.server.close())
+    assert await close_code_of(student, timeout=5) == protocol.CLOSE_GOING_AWAY
+    assert await close_code_of(teacher, timeout=5) == protocol.CLOSE_GOING_AWAY
+    await asyncio.wait_for(closing, 10)
