@@ -31,7 +31,7 @@ from proctor.config import Config
 from proctor.metrics import Metrics
 from proctor.models.interface import Classifier
 from proctor.sessions import Hub, Outbox, StreamContext, StreamSession, alert_message, alert_thumbnail
-from proctor.storage.base import NotFound, StoreError, User
+from proctor.storage.base import NotFound, StoreError, StoreUnavailable, User
 from proctor.storage.writer import WriteBehind, WriteQueueClosed, WriteQueueFull
 from proctor.training_jobs import training_ctx
 
@@ -56,7 +56,7 @@ def create_app(config: Config, *, store: Any = None, classifier: Classifier | No
                authenticator: Authenticator | None = None,
                registry: CollectorRegistry | None = None) -> web.Application:
     """Build the application. Tests pass a store, a fake classifier or authenticator; the server builds its own."""
-    app = web.Application(client_max_size=4 * 1024 * 1024, middlewares=[forwarded_middleware])
+    app = web.Application(client_max_size=4 * 1024 * 1024, middlewares=[forwarded_middleware, ws_error_middleware])
     app[CONFIG_KEY] = config
     app[METRICS_KEY] = Metrics(registry)
     app[EXTRA_KEY] = {}
@@ -113,6 +113,18 @@ async def forwarded_middleware(request: web.Request, handler: Any) -> web.Stream
         if changes:
             request = request.clone(**changes)
     return await handler(request)
+
+
+@web.middleware
+async def ws_error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """A WebSocket handshake the database cannot answer is a 503 the client retries, not a logged traceback."""
+    if not request.path.startswith("/ws/"):
+        return await handler(request)
+    try:
+        return await handler(request)
+    except StoreUnavailable as exc:
+        logger.warning("store unavailable during the WebSocket handshake of %s: %s", request.path, exc)
+        raise refuse(web.HTTPServiceUnavailable, "the database is unavailable; try again shortly") from None
 
 
 # -- resources (cleanup_ctx) -------------------------------------------------------------------

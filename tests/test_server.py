@@ -528,3 +528,18 @@ async def test_shutdown_closes_streams_and_live_views_with_going_away_at_once(se
     assert await close_code_of(student, timeout=5) == protocol.CLOSE_GOING_AWAY
     assert await close_code_of(teacher, timeout=5) == protocol.CLOSE_GOING_AWAY
     await asyncio.wait_for(closing, 10)
+
+
+async def test_handshake_while_the_database_is_down_is_a_503(server, hall, store, monkeypatch):
+    from proctor.storage.base import StoreUnavailable
+
+    client = await server()
+
+    async def down(*args, **kwargs):
+        raise StoreUnavailable("connection refused")
+
+    monkeypatch.setattr(store, "get_exam", down)
+    for path, user in (("stream", hall["a"]), ("live", hall["teacher"])):
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await client.ws_connect(f"/ws/exams/{hall['exam'].id}/{path}", headers=ws_headers(client, user))
+        assert info.value.status == 503, path
