@@ -553,6 +553,14 @@ async def test_open_redirect_after_login_is_refused(client):
     resp = await client.post("/login", data={"username": "teach-a", "password": PASSWORD, "csrf_token": token,
                                              "next": "//evil.example/x"}, allow_redirects=False)
     assert resp.headers["Location"] == "/teacher"
+    # A browser strips the tab and reads "//evil.example/x": a host, not a path.
+    for target, expected in (("/\t/evil.example/x", "/teacher"), ("/\n/evil.example/x", "/teacher"),
+                             ("/ /evil.example/x", "/teacher"), ("/teacher/exams/new?x=1", "/teacher/exams/new?x=1")):
+        client.session.cookie_jar.clear()
+        token = _csrf_from(await (await client.get("/login")).text())
+        resp = await client.post("/login", data={"username": "teach-a", "password": PASSWORD, "csrf_token": token,
+                                                 "next": target}, allow_redirects=False)
+        assert resp.status == 302 and resp.headers["Location"] == expected, target
 
 
 async def test_page_form_creates_exam(client, world):
