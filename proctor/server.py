@@ -368,6 +368,10 @@ async def live_handler(request: web.Request) -> web.StreamResponse:
     except StoreError:
         logger.exception("live view of exam %d failed", exam.id)
         await ws.close(code=protocol.CLOSE_INTERNAL, message=b"database unavailable")
+    except Exception:
+        # After the handshake a raised error would only drop the connection: close it with a code instead.
+        logger.exception("live view of exam %d failed", exam.id)
+        await ws.close(code=protocol.CLOSE_INTERNAL, message=b"internal error")
     finally:
         hub.remove_teacher(exam.id, outbox)
         await outbox.close()

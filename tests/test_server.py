@@ -543,3 +543,16 @@ async def test_handshake_while_the_database_is_down_is_a_503(server, hall, store
         with pytest.raises(aiohttp.WSServerHandshakeError) as info:
             await client.ws_connect(f"/ws/exams/{hall['exam'].id}/{path}", headers=ws_headers(client, user))
         assert info.value.status == 503, path
+
+
+async def test_live_view_that_fails_after_the_handshake_closes_with_1011(server, hall, store, monkeypatch, caplog):
+    client = await server()
+
+    async def broken(exam_id):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(store, "list_roster", broken)
+    teacher = await client.ws_connect(f"/ws/exams/{hall['exam'].id}/live",
+                                      headers=ws_headers(client, hall["teacher"]))
+    assert await close_code_of(teacher, timeout=5) == protocol.CLOSE_INTERNAL
+    assert "live view of exam" in caplog.text
