@@ -37,6 +37,10 @@ _STRIKE_WINDOW_S = 10.0
 # Messages waiting to be written to one socket; past this the client is too slow and is closed.
 _OUTBOX_LIMIT = 256
 HEARTBEAT_S = 5.0
+# Control messages (heartbeat, hello, sharing): clients send one per HEARTBEAT_S plus a few at the start.
+# Each may queue a store write, and the write-behind queue is shared by every student's alerts.
+_CONTROL_RATE = 2.0
+_CONTROL_BURST = 10.0
 # No message for this long marks a student's stream stale.
 STALE_AFTER_S = 3 * HEARTBEAT_S
 
@@ -288,6 +292,7 @@ class StreamSession:
         # Clients may send up to twice the asked rate (clock drift, a retried frame) before throttling.
         self._bucket = _TokenBucket(rate=config.client_fps * 2, burst=max(3.0, config.client_fps * 4),
                                     now=loop.time())
+        self._control_bucket = _TokenBucket(rate=_CONTROL_RATE, burst=_CONTROL_BURST, now=loop.time())
         self._strikes: collections.deque[float] = collections.deque()
         self._tasks: set[asyncio.Task] = set()
         self._outbox = Outbox(ws, ctx.metrics)
@@ -368,6 +373,9 @@ class StreamSession:
     # control messages ------------------------------------------------------------------------
 
     def _on_text(self, text: str) -> None:
+        if not self._control_bucket.take(self._loop.time()):
+            self._strike(protocol.E_RATE_LIMITED, f"more than {_CONTROL_RATE:g} control messages per second")
+            return
         try:
             message = protocol.parse_control(text)
         except protocol.ProtocolError as exc:

@@ -556,3 +556,17 @@ async def test_live_view_that_fails_after_the_handshake_closes_with_1011(server,
                                       headers=ws_headers(client, hall["teacher"]))
     assert await close_code_of(teacher, timeout=5) == protocol.CLOSE_INTERNAL
     assert "live view of exam" in caplog.text
+
+
+async def test_a_flood_of_control_messages_is_refused_and_closes_the_stream(server, hall, store):
+    client = await server()
+    alice = await connect_student(client, hall["a"], hall["exam"], hello=False)
+    # Before: every hello was answered and queued a "displays" event in the write queue all students share.
+    for i in range(60):
+        await alice.send_json({"type": "hello", "displays": 1 + i % 2, "surface": "monitor"})
+    assert await close_code_of(alice) == protocol.CLOSE_POLICY
+    from proctor.appkeys import WRITER_KEY
+
+    assert await client.server.app[WRITER_KEY].flush(5)
+    displays = [e for e in await store.list_events(hall["exam"].id) if e.kind == "displays"]
+    assert 1 <= len(displays) <= 12
