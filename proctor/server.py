@@ -31,7 +31,7 @@ from proctor.config import Config
 from proctor.metrics import Metrics
 from proctor.models.interface import Classifier
 from proctor.sessions import Hub, Outbox, StreamContext, StreamSession, alert_message, alert_thumbnail
-from proctor.storage.base import NotFound, StoreError, StoreUnavailable, User
+from proctor.storage.base import InvalidData, NotFound, StoreError, StoreUnavailable, User
 from proctor.storage.writer import WriteBehind, WriteQueueClosed, WriteQueueFull
 from proctor.training_jobs import training_ctx
 
@@ -319,7 +319,7 @@ async def ws_user(request: web.Request) -> User:
 async def _exam_of(request: web.Request):
     try:
         return await request.app[STORE_KEY].get_exam(int(request.match_info["exam_id"]))
-    except NotFound:
+    except (NotFound, InvalidData):  # InvalidData: an id past the database's integers
         raise refuse(web.HTTPNotFound, "no such exam") from None
 
 

@@ -570,3 +570,10 @@ async def test_a_flood_of_control_messages_is_refused_and_closes_the_stream(serv
     assert await client.server.app[WRITER_KEY].flush(5)
     displays = [e for e in await store.list_events(hall["exam"].id) if e.kind == "displays"]
     assert 1 <= len(displays) <= 12
+
+
+async def test_exam_id_past_64_bits_is_not_found(server, hall):
+    client = await server()
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await client.ws_connect(f"/ws/exams/{10**30}/stream", headers=ws_headers(client, hall["a"]))
+    assert info.value.status == 404  # before: SQLite's OverflowError, a 500 and a traceback

@@ -686,3 +686,10 @@ async def test_head_upload_is_checked_off_the_event_loop(aiohttp_client, world, 
                              headers={"X-CSRF-Token": token, "Content-Type": "application/octet-stream"})
     assert resp.status == 201, await resp.text()
     assert len(threads) == 1 and threads[0] is not threading.current_thread()
+
+
+async def test_ids_past_64_bits_are_a_clear_error(client, world):
+    await login(client, "teach-a")
+    resp = await client.get(f"/api/exams/{10**30}")
+    assert resp.status == 400
+    assert (await resp.json())["error"] == f"invalid exam id {10**30}: out of range"
