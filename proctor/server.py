@@ -50,6 +50,7 @@ AUTH_KEY: "web.AppKey[Authenticator]" = web.AppKey("authenticator")
 BATCHER_KEY = web.AppKey("batcher", DynamicBatcher)
 STREAM_CTX_KEY = web.AppKey("stream_context", StreamContext)
 READY_KEY = web.AppKey("ready", dict)
+HEADS_LOCK_KEY = web.AppKey("heads_lock", asyncio.Lock)
 
 
 def create_app(config: Config, *, store: Any = None, classifier: Classifier | None = None,
@@ -61,6 +62,7 @@ def create_app(config: Config, *, store: Any = None, classifier: Classifier | No
     app[METRICS_KEY] = Metrics(registry)
     app[EXTRA_KEY] = {}
     app[READY_KEY] = {"classifier": False}
+    app[HEADS_LOCK_KEY] = asyncio.Lock()
     app[AUTH_KEY] = authenticator if authenticator is not None else _default_authenticator()
     app.cleanup_ctx.append(_store_ctx(store))
     app.cleanup_ctx.append(_writer_ctx)
@@ -179,10 +181,13 @@ async def reload_heads(app: web.Application) -> None:
     set_heads = getattr(classifier, "set_heads", None)
     if set_heads is None:
         return
-    records = await app[STORE_KEY].list_heads(active_only=True)
-    loop = asyncio.get_running_loop()
-    # strict=False: a head made for another backbone is left out (and logged), the others still load.
-    await loop.run_in_executor(None, functools.partial(set_heads, records, strict=False))
+    # One reload at a time: two notifications close together would otherwise each read the store and the
+    # one that read first could be applied last, leaving a stale head set until the next change.
+    async with app[HEADS_LOCK_KEY]:
+        records = await app[STORE_KEY].list_heads(active_only=True)
+        loop = asyncio.get_running_loop()
+        # strict=False: a head made for another backbone is left out (and logged), the others still load.
+        await loop.run_in_executor(None, functools.partial(set_heads, records, strict=False))
     app[METRICS_KEY].heads_loaded.set(len(classifier.heads))
     logger.info("heads loaded: %s", ", ".join(h.name for h in classifier.heads) or "none")
 

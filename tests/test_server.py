@@ -577,3 +577,39 @@ async def test_exam_id_past_64_bits_is_not_found(server, hall):
     with pytest.raises(aiohttp.WSServerHandshakeError) as info:
         await client.ws_connect(f"/ws/exams/{10**30}/stream", headers=ws_headers(client, hall["a"]))
     assert info.value.status == 404  # before: SQLite's OverflowError, a 500 and a traceback
+
+
+async def test_head_reloads_close_together_end_with_the_latest_head_set(store, tmp_path):
+    import threading
+
+    from proctor.appkeys import CLASSIFIER_KEY, STORE_KEY
+    from proctor.server import reload_heads
+    from fakes import FAKE_HEADS
+
+    class SlowFirstLoad(FakeClassifier):
+        def __init__(self):
+            super().__init__()
+            self.release = threading.Event()
+            self.calls = 0
+            self.applied = []
+
+        def set_heads(self, records, strict=True):
+            self.calls += 1
+            if self.calls == 1:
+                self.release.wait(5)  # the first reload is slow to build its heads
+            self.applied.append(sorted(r.name for r in records))
+
+    await add_fake_heads(store, FAKE_HEADS[:1])
+    classifier = SlowFirstLoad()
+    app = create_app(make_config(tmp_path), store=store, classifier=classifier,
+                     authenticator=HeaderAuthenticator(store))
+    app[STORE_KEY], app[CLASSIFIER_KEY] = store, classifier
+    first = asyncio.create_task(reload_heads(app))
+    await asyncio.sleep(0.1)
+    await add_fake_heads(store, FAKE_HEADS[1:])
+    second = asyncio.create_task(reload_heads(app))
+    await asyncio.sleep(0.2)
+    classifier.release.set()
+    await asyncio.gather(first, second)
+    # Before: the second reload applied the new set, then the slow first one put the old set back.
+    assert classifier.applied[-1] == sorted(h.name for h in FAKE_HEADS)
