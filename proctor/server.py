@@ -272,7 +272,7 @@ async def _notifications_ctx(app: web.Application) -> AsyncIterator[None]:
             if channel == "heads":
                 await reload_heads(app)
             elif channel == "exam" and payload.get("state") == "ended":
-                await hub.close_exam(int(payload["id"]), protocol.CLOSE_EXAM_ENDED, "the exam has ended")
+                await hub.end_exam(int(payload["id"]), protocol.CLOSE_EXAM_ENDED, "the exam has ended")
             elif payload.get("node") == hub.node_id:
                 return  # our own alert/presence: already fanned out locally
             elif channel == "alert":

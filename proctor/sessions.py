@@ -127,6 +127,7 @@ class _ExamRoom:
     students: dict[int, StudentPresence] = field(default_factory=dict)
     streams: dict[int, "StreamSession"] = field(default_factory=dict)
     teachers: set[Outbox] = field(default_factory=set)
+    ended: bool = False
 
 
 class Hub:
@@ -158,11 +159,18 @@ class Hub:
         return previous
 
     def detach_stream(self, exam_id: int, session: "StreamSession") -> None:
-        room = self.room(exam_id)
-        if room.streams.get(session.user.id) is session:
+        room = self._rooms.get(exam_id)
+        if room is not None and room.streams.get(session.user.id) is session:
             del room.streams[session.user.id]
             self.set_presence(exam_id, session.user, "disconnected")
         self._update_gauges()
+        self._forget_if_done(exam_id)
+
+    def _forget_if_done(self, exam_id: int) -> None:
+        # A server runs for months: the presence of every past exam must not stay in memory.
+        room = self._rooms.get(exam_id)
+        if room is not None and room.ended and not room.streams and not room.teachers:
+            del self._rooms[exam_id]
 
     def streams(self, exam_id: int) -> list["StreamSession"]:
         return list(self.room(exam_id).streams.values())
@@ -215,7 +223,10 @@ class Hub:
                 "students": [p.as_message() for p in room.students.values()]}
 
     def remove_teacher(self, exam_id: int, outbox: Outbox) -> None:
-        self.room(exam_id).teachers.discard(outbox)
+        room = self._rooms.get(exam_id)
+        if room is not None:
+            room.teachers.discard(outbox)
+        self._forget_if_done(exam_id)
 
     def broadcast(self, exam_id: int, message: dict[str, Any]) -> None:
         for outbox in list(self.room(exam_id).teachers):
@@ -232,6 +243,12 @@ class Hub:
     async def close_exam(self, exam_id: int, code: int, reason: str) -> None:
         """Close every student stream of the exam, all at once: each close waits for its client's reply."""
         await asyncio.gather(*(session.close(code, reason) for session in self.streams(exam_id)))
+
+    async def end_exam(self, exam_id: int, code: int, reason: str) -> None:
+        """The exam has ended: close its streams; its room is forgotten once its last socket has gone."""
+        self.room(exam_id).ended = True
+        await self.close_exam(exam_id, code, reason)
+        self._forget_if_done(exam_id)
 
     async def close_all(self, code: int, reason: str) -> None:
         """Close every student stream and teacher live view of this node (server shutdown)."""

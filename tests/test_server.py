@@ -613,3 +613,27 @@ async def test_head_reloads_close_together_end_with_the_latest_head_set(store, t
     await asyncio.gather(first, second)
     # Before: the second reload applied the new set, then the slow first one put the old set back.
     assert classifier.applied[-1] == sorted(h.name for h in FAKE_HEADS)
+
+
+async def test_an_ended_exam_is_forgotten_once_its_last_socket_closes(server, hall, store):
+    from proctor.appkeys import HUB_KEY
+
+    client = await server()
+    hub = client.server.app[HUB_KEY]
+    alice = await connect_student(client, hall["a"], hall["exam"])
+    teacher = await client.ws_connect(f"/ws/exams/{hall['exam'].id}/live",
+                                      headers=ws_headers(client, hall["teacher"]))
+    assert (await teacher.receive_json(timeout=5))["type"] == "snapshot"
+    await store.set_exam_state(hall["exam"].id, "ended")
+    await store.publish("exam", {"id": hall["exam"].id, "state": "ended"})
+    assert await close_code_of(alice) == protocol.CLOSE_EXAM_ENDED
+    # The teacher still sees the students leave.
+    assert (await next_of(teacher, "presence"))["state"] == "disconnected"
+    assert hall["exam"].id in hub._rooms
+    await teacher.close()
+    for _ in range(100):
+        if hall["exam"].id not in hub._rooms:
+            break
+        await asyncio.sleep(0.02)
+    # Before: every exam's room (presence of each student) stayed in memory until the server restarted.
+    assert hall["exam"].id not in hub._rooms
