@@ -364,11 +364,20 @@ async def test_student_sees_only_enrolled_exams_and_no_staff_views(client, world
     assert resp.status == 403
 
 
-async def test_teacher_cannot_use_admin_api(client):
+async def test_teacher_cannot_use_admin_api(client, world):
     token = await login(client, "teach-a")
     resp = await post(client, "/api/users", token, {"username": "x", "role": "admin"})
     assert resp.status == 403
     assert (await resp.json())["error"] == "this needs the role admin; you are logged in as a teacher"
+    teacher_b = world.teacher_b.id
+    for path in (f"/api/users/{teacher_b}/deactivate", f"/api/users/{teacher_b}/activate",
+                 f"/api/users/{teacher_b}/password", "/api/users/import", "/api/heads",
+                 "/api/heads/vscode/deactivate", "/api/heads/vscode/activate"):
+        resp = await post(client, path, token)
+        assert resp.status == 403, path
+        assert "needs the role admin" in (await resp.json())["error"], path
+    for path in ("/api/users", "/api/audit"):
+        assert (await client.get(path)).status == 403, path
 
 
 async def test_unknown_ids_are_404_with_the_id_named(client):
