@@ -12,6 +12,7 @@ import asyncio
 import functools
 import hmac
 import importlib
+import json
 import logging
 import ssl
 from concurrent.futures import ThreadPoolExecutor
@@ -29,8 +30,8 @@ from proctor.batching.batcher import DynamicBatcher
 from proctor.config import Config
 from proctor.metrics import Metrics
 from proctor.models.interface import Classifier
-from proctor.sessions import Hub, Outbox, StreamContext, StreamSession, alert_message
-from proctor.storage.base import NotFound, StoreError, User
+from proctor.sessions import Hub, Outbox, StreamContext, StreamSession, alert_message, alert_thumbnail
+from proctor.storage.base import InvalidData, NotFound, StoreError, StoreUnavailable, User
 from proctor.storage.writer import WriteBehind, WriteQueueClosed, WriteQueueFull
 from proctor.training_jobs import training_ctx
 
@@ -49,17 +50,19 @@ AUTH_KEY: "web.AppKey[Authenticator]" = web.AppKey("authenticator")
 BATCHER_KEY = web.AppKey("batcher", DynamicBatcher)
 STREAM_CTX_KEY = web.AppKey("stream_context", StreamContext)
 READY_KEY = web.AppKey("ready", dict)
+HEADS_LOCK_KEY = web.AppKey("heads_lock", asyncio.Lock)
 
 
 def create_app(config: Config, *, store: Any = None, classifier: Classifier | None = None,
                authenticator: Authenticator | None = None,
                registry: CollectorRegistry | None = None) -> web.Application:
     """Build the application. Tests pass a store, a fake classifier or authenticator; the server builds its own."""
-    app = web.Application(client_max_size=4 * 1024 * 1024, middlewares=[forwarded_middleware])
+    app = web.Application(client_max_size=4 * 1024 * 1024, middlewares=[forwarded_middleware, ws_error_middleware])
     app[CONFIG_KEY] = config
     app[METRICS_KEY] = Metrics(registry)
     app[EXTRA_KEY] = {}
     app[READY_KEY] = {"classifier": False}
+    app[HEADS_LOCK_KEY] = asyncio.Lock()
     app[AUTH_KEY] = authenticator if authenticator is not None else _default_authenticator()
     app.cleanup_ctx.append(_store_ctx(store))
     app.cleanup_ctx.append(_writer_ctx)
@@ -67,6 +70,7 @@ def create_app(config: Config, *, store: Any = None, classifier: Classifier | No
     app.cleanup_ctx.append(_pipeline_ctx)
     app.cleanup_ctx.append(_notifications_ctx)
     app.cleanup_ctx.append(training_ctx)
+    app.on_shutdown.append(_close_sockets)
     app.router.add_get("/ws/exams/{exam_id:\\d+}/stream", stream_handler)
     app.router.add_get("/ws/exams/{exam_id:\\d+}/live", live_handler)
     app.router.add_get("/metrics", metrics_handler)
@@ -111,6 +115,18 @@ async def forwarded_middleware(request: web.Request, handler: Any) -> web.Stream
         if changes:
             request = request.clone(**changes)
     return await handler(request)
+
+
+@web.middleware
+async def ws_error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """A WebSocket handshake the database cannot answer is a 503 the client retries, not a logged traceback."""
+    if not request.path.startswith("/ws/"):
+        return await handler(request)
+    try:
+        return await handler(request)
+    except StoreUnavailable as exc:
+        logger.warning("store unavailable during the WebSocket handshake of %s: %s", request.path, exc)
+        raise refuse(web.HTTPServiceUnavailable, "the database is unavailable; try again shortly") from None
 
 
 # -- resources (cleanup_ctx) -------------------------------------------------------------------
@@ -165,10 +181,13 @@ async def reload_heads(app: web.Application) -> None:
     set_heads = getattr(classifier, "set_heads", None)
     if set_heads is None:
         return
-    records = await app[STORE_KEY].list_heads(active_only=True)
-    loop = asyncio.get_running_loop()
-    # strict=False: a head made for another backbone is left out (and logged), the others still load.
-    await loop.run_in_executor(None, functools.partial(set_heads, records, strict=False))
+    # One reload at a time: two notifications close together would otherwise each read the store and the
+    # one that read first could be applied last, leaving a stale head set until the next change.
+    async with app[HEADS_LOCK_KEY]:
+        records = await app[STORE_KEY].list_heads(active_only=True)
+        loop = asyncio.get_running_loop()
+        # strict=False: a head made for another backbone is left out (and logged), the others still load.
+        await loop.run_in_executor(None, functools.partial(set_heads, records, strict=False))
     app[METRICS_KEY].heads_loaded.set(len(classifier.heads))
     logger.info("heads loaded: %s", ", ".join(h.name for h in classifier.heads) or "none")
 
@@ -245,8 +264,21 @@ async def _pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
         await asyncio.gather(stale_task, return_exceptions=True)
         await hub.close_all(protocol.CLOSE_GOING_AWAY, "server shutting down")
         await batcher.close()
-        decode_pool.shutdown(wait=True)
-        infer_pool.shutdown(wait=True)
+        # Joining the threads waits for a batch in the model: not on the event loop.
+        loop = asyncio.get_running_loop()
+        for pool in (decode_pool, infer_pool):
+            await loop.run_in_executor(None, functools.partial(pool.shutdown, wait=True))
+
+
+async def _close_sockets(app: web.Application) -> None:
+    """on_shutdown: close every stream and live view now (1001).
+
+    aiohttp waits for running handlers (up to its 60 s shutdown timeout, then cancels them) before
+    cleanup_ctx runs, and a WebSocket handler only ends when its socket does.
+    """
+    hub = app.get(HUB_KEY)
+    if hub is not None:
+        await hub.close_all(protocol.CLOSE_GOING_AWAY, "server shutting down")
 
 
 async def _watch_stale(hub: Hub) -> None:
@@ -266,7 +298,7 @@ async def _notifications_ctx(app: web.Application) -> AsyncIterator[None]:
             if channel == "heads":
                 await reload_heads(app)
             elif channel == "exam" and payload.get("state") == "ended":
-                await hub.close_exam(int(payload["id"]), protocol.CLOSE_EXAM_ENDED, "the exam has ended")
+                await hub.end_exam(int(payload["id"]), protocol.CLOSE_EXAM_ENDED, "the exam has ended")
             elif payload.get("node") == hub.node_id:
                 return  # our own alert/presence: already fanned out locally
             elif channel == "alert":
@@ -293,45 +325,46 @@ async def _relay_alert(app: web.Application, payload: dict[str, Any]) -> None:
     store = app[STORE_KEY]
     alert = await store.get_alert(payload["id"])
     user = await store.get_user(alert.student_id)
-    loop = asyncio.get_running_loop()
-    thumb = await loop.run_in_executor(None, decode.evidence_thumbnail, alert.evidence)
+    thumb = await alert_thumbnail(alert.evidence)
     app[HUB_KEY].alert_opened(alert.exam_id, user, alert_message(alert, user, thumb))
 
 
 # -- WebSocket endpoints -------------------------------------------------------------------------
 
-def _refuse(status: type[web.HTTPException], message: str) -> web.HTTPException:
-    return status(text=f'{{"error": "{message}"}}', content_type="application/json")
+def refuse(status: type[web.HTTPException], message: str) -> web.HTTPException:
+    """A WebSocket handshake refused with a JSON error (every /ws/ endpoint answers the same way)."""
+    return status(text=json.dumps({"error": message}), content_type="application/json")
 
 
-async def _ws_user(request: web.Request) -> User:
+async def ws_user(request: web.Request) -> User:
+    """The logged-in user of a WebSocket handshake whose Origin is allowed; refuses (403/401) otherwise."""
     auth = request.app[AUTH_KEY]
     if not auth.origin_allowed(request):
-        raise _refuse(web.HTTPForbidden, "WebSocket Origin not allowed")
+        raise refuse(web.HTTPForbidden, "WebSocket Origin not allowed")
     user = await auth.current_user(request)
     if user is None:
-        raise _refuse(web.HTTPUnauthorized, "log in first")
+        raise refuse(web.HTTPUnauthorized, "log in first")
     return user
 
 
 async def _exam_of(request: web.Request):
     try:
         return await request.app[STORE_KEY].get_exam(int(request.match_info["exam_id"]))
-    except NotFound:
-        raise _refuse(web.HTTPNotFound, "no such exam") from None
+    except (NotFound, InvalidData):  # InvalidData: an id past the database's integers
+        raise refuse(web.HTTPNotFound, "no such exam") from None
 
 
 async def stream_handler(request: web.Request) -> web.StreamResponse:
     """A student's screen stream into one running exam they are on the roster of."""
-    user = await _ws_user(request)
+    user = await ws_user(request)
     exam = await _exam_of(request)
     store = request.app[STORE_KEY]
     if user.role != "student":
-        raise _refuse(web.HTTPForbidden, "only students stream their screen")
+        raise refuse(web.HTTPForbidden, "only students stream their screen")
     if not await store.is_on_roster(exam.id, user.id):
-        raise _refuse(web.HTTPForbidden, "you are not on this exam's roster")
+        raise refuse(web.HTTPForbidden, "you are not on this exam's roster")
     if exam.state != "running":
-        raise _refuse(web.HTTPConflict, f"the exam is {exam.state}, not running")
+        raise refuse(web.HTTPConflict, f"the exam is {exam.state}, not running")
     config = request.app[CONFIG_KEY]
     # Messages up to twice the frame limit are read and refused with an error; beyond that,
     # aiohttp stops reading and closes with 1009 so a 50 MB message never sits in memory.
@@ -349,10 +382,10 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
 
 async def live_handler(request: web.Request) -> web.StreamResponse:
     """A teacher's live view of one exam: snapshot, then presence and alerts as they happen."""
-    user = await _ws_user(request)
+    user = await ws_user(request)
     exam = await _exam_of(request)
     if user.role != "admin" and exam.owner_id != user.id:
-        raise _refuse(web.HTTPForbidden, "this exam belongs to another teacher")
+        raise refuse(web.HTTPForbidden, "this exam belongs to another teacher")
     store = request.app[STORE_KEY]
     ws = web.WebSocketResponse(heartbeat=30.0)
     await ws.prepare(request)
@@ -366,6 +399,10 @@ async def live_handler(request: web.Request) -> web.StreamResponse:
     except StoreError:
         logger.exception("live view of exam %d failed", exam.id)
         await ws.close(code=protocol.CLOSE_INTERNAL, message=b"database unavailable")
+    except Exception:
+        # After the handshake a raised error would only drop the connection: close it with a code instead.
+        logger.exception("live view of exam %d failed", exam.id)
+        await ws.close(code=protocol.CLOSE_INTERNAL, message=b"internal error")
     finally:
         hub.remove_teacher(exam.id, outbox)
         await outbox.close()

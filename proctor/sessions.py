@@ -37,6 +37,10 @@ _STRIKE_WINDOW_S = 10.0
 # Messages waiting to be written to one socket; past this the client is too slow and is closed.
 _OUTBOX_LIMIT = 256
 HEARTBEAT_S = 5.0
+# Control messages (heartbeat, hello, sharing): clients send one per HEARTBEAT_S plus a few at the start.
+# Each may queue a store write, and the write-behind queue is shared by every student's alerts.
+_CONTROL_RATE = 2.0
+_CONTROL_BURST = 10.0
 # No message for this long marks a student's stream stale.
 STALE_AFTER_S = 3 * HEARTBEAT_S
 
@@ -55,6 +59,8 @@ class Outbox:
         self._metrics = metrics
         self._queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=limit)
         self._task = asyncio.create_task(self._run(), name="outbox")
+        # The loop keeps only weak references to tasks: an unreferenced close could vanish half done.
+        self._close_task: asyncio.Task | None = None
         self.overflowed = False
 
     def send(self, message: dict[str, Any]) -> None:
@@ -66,7 +72,8 @@ class Outbox:
             self.overflowed = True
             logger.warning("client too slow: %d messages unread, closing its socket", self._queue.qsize())
             self._metrics.websocket_errors.labels("slow_client").inc()
-            asyncio.create_task(self._ws.close(code=protocol.CLOSE_POLICY, message=b"client too slow"))
+            self._close_task = asyncio.create_task(
+                self._ws.close(code=protocol.CLOSE_POLICY, message=b"client too slow"), name="outbox-close")
 
     async def _run(self) -> None:
         while True:
@@ -80,6 +87,11 @@ class Outbox:
             except (ConnectionError, RuntimeError):
                 return  # socket closed under us; the reader side cleans up
 
+    async def close_socket(self, code: int, reason: str) -> None:
+        """Close the WebSocket itself (its handler then ends and calls close())."""
+        if not self._ws.closed:
+            await self._ws.close(code=code, message=reason.encode())
+
     async def close(self) -> None:
         if not self._task.done():
             try:
@@ -90,6 +102,8 @@ class Outbox:
                 await asyncio.wait_for(self._task, 2.0)
             except (asyncio.TimeoutError, asyncio.CancelledError):
                 self._task.cancel()
+        if self._close_task is not None:
+            await asyncio.gather(self._close_task, return_exceptions=True)
 
 
 @dataclass
@@ -113,6 +127,7 @@ class _ExamRoom:
     students: dict[int, StudentPresence] = field(default_factory=dict)
     streams: dict[int, "StreamSession"] = field(default_factory=dict)
     teachers: set[Outbox] = field(default_factory=set)
+    ended: bool = False
 
 
 class Hub:
@@ -144,11 +159,18 @@ class Hub:
         return previous
 
     def detach_stream(self, exam_id: int, session: "StreamSession") -> None:
-        room = self.room(exam_id)
-        if room.streams.get(session.user.id) is session:
+        room = self._rooms.get(exam_id)
+        if room is not None and room.streams.get(session.user.id) is session:
             del room.streams[session.user.id]
             self.set_presence(exam_id, session.user, "disconnected")
         self._update_gauges()
+        self._forget_if_done(exam_id)
+
+    def _forget_if_done(self, exam_id: int) -> None:
+        # A server runs for months: the presence of every past exam must not stay in memory.
+        room = self._rooms.get(exam_id)
+        if room is not None and room.ended and not room.streams and not room.teachers:
+            del self._rooms[exam_id]
 
     def streams(self, exam_id: int) -> list["StreamSession"]:
         return list(self.room(exam_id).streams.values())
@@ -201,7 +223,10 @@ class Hub:
                 "students": [p.as_message() for p in room.students.values()]}
 
     def remove_teacher(self, exam_id: int, outbox: Outbox) -> None:
-        self.room(exam_id).teachers.discard(outbox)
+        room = self._rooms.get(exam_id)
+        if room is not None:
+            room.teachers.discard(outbox)
+        self._forget_if_done(exam_id)
 
     def broadcast(self, exam_id: int, message: dict[str, Any]) -> None:
         for outbox in list(self.room(exam_id).teachers):
@@ -216,12 +241,21 @@ class Hub:
                 session.check_stale(now)
 
     async def close_exam(self, exam_id: int, code: int, reason: str) -> None:
-        for session in self.streams(exam_id):
-            await session.close(code, reason)
+        """Close every student stream of the exam, all at once: each close waits for its client's reply."""
+        await asyncio.gather(*(session.close(code, reason) for session in self.streams(exam_id)))
+
+    async def end_exam(self, exam_id: int, code: int, reason: str) -> None:
+        """The exam has ended: close its streams; its room is forgotten once its last socket has gone."""
+        self.room(exam_id).ended = True
+        await self.close_exam(exam_id, code, reason)
+        self._forget_if_done(exam_id)
 
     async def close_all(self, code: int, reason: str) -> None:
-        for exam_id in list(self._rooms):
-            await self.close_exam(exam_id, code, reason)
+        """Close every student stream and teacher live view of this node (server shutdown)."""
+        rooms = list(self._rooms.items())
+        teachers = [outbox for _, room in rooms for outbox in room.teachers]
+        await asyncio.gather(*(self.close_exam(exam_id, code, reason) for exam_id, _ in rooms),
+                             *(outbox.close_socket(code, reason) for outbox in teachers))
 
 
 @dataclass
@@ -275,6 +309,7 @@ class StreamSession:
         # Clients may send up to twice the asked rate (clock drift, a retried frame) before throttling.
         self._bucket = _TokenBucket(rate=config.client_fps * 2, burst=max(3.0, config.client_fps * 4),
                                     now=loop.time())
+        self._control_bucket = _TokenBucket(rate=_CONTROL_RATE, burst=_CONTROL_BURST, now=loop.time())
         self._strikes: collections.deque[float] = collections.deque()
         self._tasks: set[asyncio.Task] = set()
         self._outbox = Outbox(ws, ctx.metrics)
@@ -355,6 +390,9 @@ class StreamSession:
     # control messages ------------------------------------------------------------------------
 
     def _on_text(self, text: str) -> None:
+        if not self._control_bucket.take(self._loop.time()):
+            self._strike(protocol.E_RATE_LIMITED, f"more than {_CONTROL_RATE:g} control messages per second")
+            return
         try:
             message = protocol.parse_control(text)
         except protocol.ProtocolError as exc:
@@ -495,10 +533,7 @@ class StreamSession:
             await store.publish("alert", {"id": alert.id, "exam_id": alert.exam_id})
 
         ctx.write(write_alert, f"alert {alert.id}")
-        try:
-            thumb = await self._loop.run_in_executor(ctx.decode_executor, decode.evidence_thumbnail, jpeg)
-        except decode.DecodeError:
-            thumb = b""
+        thumb = await alert_thumbnail(alert.evidence, ctx.decode_executor)
         ctx.hub.alert_opened(self.exam.id, self.user, alert_message(alert, self.user, thumb))
 
     def _close_alert(self) -> None:
@@ -544,6 +579,14 @@ class StreamSession:
                              detail=detail or {})
         store = self.ctx.store
         self.ctx.write(lambda: store.add_event(event), f"{kind} event")
+
+
+async def alert_thumbnail(evidence: bytes, executor: Executor | None = None) -> bytes:
+    """The small JPEG for the teachers' live alert list, made in a thread; b"" when the evidence does not decode."""
+    try:
+        return await asyncio.get_running_loop().run_in_executor(executor, decode.evidence_thumbnail, evidence)
+    except decode.DecodeError:
+        return b""  # the alert still goes out, without its picture
 
 
 def alert_message(alert: Alert, user: User, thumbnail: bytes) -> dict[str, Any]:

@@ -186,10 +186,12 @@ class TrainingJobs:
             raise JobRefused(400, f"head {label!r} has {have} sample(s); training needs at least {need}: "
                                   f"record {need - have} more of its screen")
         positives = [s.jpeg for s in await self.store.list_samples(label)]
-        negatives = await _negatives(self.store, counts, label, {_sha(p) for p in positives})
+        negatives = await _negatives(self.store, counts, label, set(await _shas(positives)))
         extra: list[Path] = []
         if len(negatives) < FEW_NEGATIVES:
-            extra = bundled_negatives(self.settings.screens_dir, label, FEW_NEGATIVES - len(negatives))
+            # A directory walk (and the first import of the training module): off the event loop.
+            extra = await asyncio.get_running_loop().run_in_executor(
+                None, bundled_negatives, self.settings.screens_dir, label, FEW_NEGATIVES - len(negatives))
         if len(negatives) + len(extra) < MIN_NEGATIVES:
             raise JobRefused(400, f"only {len(negatives) + len(extra)} screenshot(s) of other programs: record "
                                   f"samples of at least one other program first (or put screenshots under "
@@ -288,13 +290,18 @@ async def _negatives(store: Store, counts: dict[str, int], label: str, positive_
     for i, name in enumerate(others):
         share = (MAX_NEGATIVES - len(out)) // (len(others) - i)
         fresh = []
-        for sample in await store.list_samples(name):
-            sha = _sha(sample.jpeg)
+        jpegs = [sample.jpeg for sample in await store.list_samples(name)]
+        for jpeg, sha in zip(jpegs, await _shas(jpegs)):
             if sha not in seen:
                 seen.add(sha)
-                fresh.append(sample.jpeg)
+                fresh.append(jpeg)
         out.extend(random.Random(name).sample(fresh, share) if len(fresh) > share else fresh)
     return out
+
+
+async def _shas(jpegs: list[bytes]) -> list[str]:
+    """SHA-256 of each JPEG, in a thread: a few thousand frames are hundreds of MB to hash."""
+    return await asyncio.get_running_loop().run_in_executor(None, lambda: [_sha(j) for j in jpegs])
 
 
 def _lower_priority() -> None:

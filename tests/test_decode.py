@@ -68,3 +68,10 @@ def test_thumbnail_sees_real_changes_and_ignores_recompression():
 def test_evidence_thumbnail_is_a_small_jpeg():
     small = decode.evidence_thumbnail(jpeg(1920, 1080))
     assert decode.read_size(small) == (320, 180)
+
+
+@pytest.mark.parametrize("data", [b"hello world", b"\xff\xd8\xff\xe0" + b"\x00" * 64])
+def test_evidence_thumbnail_of_a_corrupt_jpeg_is_a_decode_error(data):
+    # The session and the cross-node relay catch DecodeError: anything else would kill the alert's task.
+    with pytest.raises(decode.DecodeError, match="corrupt JPEG"):
+        decode.evidence_thumbnail(data)

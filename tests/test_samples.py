@@ -486,3 +486,14 @@ async def test_record_train_and_send_an_alert_in_chromium(display, browser_serve
             assert errors == []
         finally:
             await browser.close()
+
+
+async def test_shutdown_closes_an_open_recording_at_once(client):
+    await login(client, "teach-a")
+    ws = await client.ws_connect("/ws/samples?label=redapp", headers={"Origin": origin(client)})
+    assert (await ws.receive_json(timeout=5))["type"] == "config"
+    closing = asyncio.create_task(client.server.close())
+    # Before: the recording stayed open until aiohttp's 60 s shutdown timeout cancelled its handler.
+    message = await ws.receive(timeout=5)
+    assert message.type == aiohttp.WSMsgType.CLOSE and message.data == protocol.CLOSE_GOING_AWAY
+    await asyncio.wait_for(closing, 10)

@@ -532,3 +532,160 @@ async def test_gpu_decoding_without_a_gpu_model_refuses_to_start(store, tmp_path
     with pytest.raises(RuntimeError, match="decode_device=gpu needs the model on a CUDA device"):
         await runner.setup()
     await runner.cleanup()
+
+async def test_alert_thumbnail_of_evidence_that_does_not_decode_is_empty():
+    from proctor.sessions import alert_thumbnail
+
+    # Before: the cross-node relay raised and the teachers of that node never saw the alert.
+    assert await alert_thumbnail(b"\xff\xd8\xff\xe0" + b"\x00" * 64) == b""
+    thumb = await alert_thumbnail(screen("red"))
+    assert thumb[:2] == b"\xff\xd8"
+
+
+async def test_outbox_of_a_client_that_stops_reading_closes_its_socket():
+    from proctor.metrics import Metrics
+    from proctor.sessions import Outbox
+
+    class StuckSocket:
+        closed = False
+        close_args = None
+
+        async def send_json(self, message):
+            await asyncio.Event().wait()  # the client never reads
+
+        async def close(self, code, message):
+            self.close_args = (code, message)
+            self.closed = True
+
+    ws = StuckSocket()
+    metrics = Metrics()
+    outbox = Outbox(ws, metrics, limit=3)
+    for i in range(5):  # one is taken by the stuck writer, three fill the queue, the fifth overflows
+        outbox.send({"type": "verdict", "seq": i})
+        await asyncio.sleep(0)
+    assert outbox.overflowed
+    await outbox.close()
+    assert ws.close_args == (protocol.CLOSE_POLICY, b"client too slow")
+    assert metrics.websocket_errors.labels("slow_client")._value.get() == 1
+
+
+async def test_shutdown_closes_streams_and_live_views_with_going_away_at_once(server, hall):
+    client = await server()
+    student = await connect_student(client, hall["a"], hall["exam"])
+    teacher = await client.ws_connect(f"/ws/exams/{hall['exam'].id}/live",
+                                      headers=ws_headers(client, hall["teacher"]))
+    assert (await teacher.receive_json(timeout=5))["type"] == "snapshot"
+    # Before: the handlers kept running until aiohttp's 60 s shutdown timeout cancelled them.
+    closing = asyncio.create_task(client.server.close())
+    assert await close_code_of(student, timeout=5) == protocol.CLOSE_GOING_AWAY
+    assert await close_code_of(teacher, timeout=5) == protocol.CLOSE_GOING_AWAY
+    await asyncio.wait_for(closing, 10)
+
+
+async def test_handshake_while_the_database_is_down_is_a_503(server, hall, store, monkeypatch):
+    from proctor.storage.base import StoreUnavailable
+
+    client = await server()
+
+    async def down(*args, **kwargs):
+        raise StoreUnavailable("connection refused")
+
+    monkeypatch.setattr(store, "get_exam", down)
+    for path, user in (("stream", hall["a"]), ("live", hall["teacher"])):
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await client.ws_connect(f"/ws/exams/{hall['exam'].id}/{path}", headers=ws_headers(client, user))
+        assert info.value.status == 503, path
+
+
+async def test_live_view_that_fails_after_the_handshake_closes_with_1011(server, hall, store, monkeypatch, caplog):
+    client = await server()
+
+    async def broken(exam_id):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(store, "list_roster", broken)
+    teacher = await client.ws_connect(f"/ws/exams/{hall['exam'].id}/live",
+                                      headers=ws_headers(client, hall["teacher"]))
+    assert await close_code_of(teacher, timeout=5) == protocol.CLOSE_INTERNAL
+    assert "live view of exam" in caplog.text
+
+
+async def test_a_flood_of_control_messages_is_refused_and_closes_the_stream(server, hall, store):
+    client = await server()
+    alice = await connect_student(client, hall["a"], hall["exam"], hello=False)
+    # Before: every hello was answered and queued a "displays" event in the write queue all students share.
+    for i in range(60):
+        await alice.send_json({"type": "hello", "displays": 1 + i % 2, "surface": "monitor"})
+    assert await close_code_of(alice) == protocol.CLOSE_POLICY
+    from proctor.appkeys import WRITER_KEY
+
+    assert await client.server.app[WRITER_KEY].flush(5)
+    displays = [e for e in await store.list_events(hall["exam"].id) if e.kind == "displays"]
+    assert 1 <= len(displays) <= 12
+
+
+async def test_exam_id_past_64_bits_is_not_found(server, hall):
+    client = await server()
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await client.ws_connect(f"/ws/exams/{10**30}/stream", headers=ws_headers(client, hall["a"]))
+    assert info.value.status == 404  # before: SQLite's OverflowError, a 500 and a traceback
+
+
+async def test_head_reloads_close_together_end_with_the_latest_head_set(store, tmp_path):
+    import threading
+
+    from proctor.appkeys import CLASSIFIER_KEY, STORE_KEY
+    from proctor.server import reload_heads
+    from fakes import FAKE_HEADS
+
+    class SlowFirstLoad(FakeClassifier):
+        def __init__(self):
+            super().__init__()
+            self.release = threading.Event()
+            self.calls = 0
+            self.applied = []
+
+        def set_heads(self, records, strict=True):
+            self.calls += 1
+            if self.calls == 1:
+                self.release.wait(5)  # the first reload is slow to build its heads
+            self.applied.append(sorted(r.name for r in records))
+
+    await add_fake_heads(store, FAKE_HEADS[:1])
+    classifier = SlowFirstLoad()
+    app = create_app(make_config(tmp_path), store=store, classifier=classifier,
+                     authenticator=HeaderAuthenticator(store))
+    app[STORE_KEY], app[CLASSIFIER_KEY] = store, classifier
+    first = asyncio.create_task(reload_heads(app))
+    await asyncio.sleep(0.1)
+    await add_fake_heads(store, FAKE_HEADS[1:])
+    second = asyncio.create_task(reload_heads(app))
+    await asyncio.sleep(0.2)
+    classifier.release.set()
+    await asyncio.gather(first, second)
+    # Before: the second reload applied the new set, then the slow first one put the old set back.
+    assert classifier.applied[-1] == sorted(h.name for h in FAKE_HEADS)
+
+
+async def test_an_ended_exam_is_forgotten_once_its_last_socket_closes(server, hall, store):
+    from proctor.appkeys import HUB_KEY
+
+    client = await server()
+    hub = client.server.app[HUB_KEY]
+    alice = await connect_student(client, hall["a"], hall["exam"])
+    teacher = await client.ws_connect(f"/ws/exams/{hall['exam'].id}/live",
+                                      headers=ws_headers(client, hall["teacher"]))
+    assert (await teacher.receive_json(timeout=5))["type"] == "snapshot"
+    await store.set_exam_state(hall["exam"].id, "ended")
+    await store.publish("exam", {"id": hall["exam"].id, "state": "ended"})
+    assert await close_code_of(alice) == protocol.CLOSE_EXAM_ENDED
+    # The teacher still sees the students leave.
+    assert (await next_of(teacher, "presence"))["state"] == "disconnected"
+    assert hall["exam"].id in hub._rooms
+    await teacher.close()
+    for _ in range(100):
+        if hall["exam"].id not in hub._rooms:
+            break
+        await asyncio.sleep(0.02)
+    # Before: every exam's room (presence of each student) stayed in memory until the server restarted.
+    assert hall["exam"].id not in hub._rooms

@@ -272,11 +272,12 @@ def _csrf_from(html: str) -> str:
 async def test_websocket_with_forged_origin_is_refused(client):
     await login(client, "teach-a")
     host = f"http://{client.server.host}:{client.server.port}"
-    with pytest.raises(Exception) as info:
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
         await client.ws_connect("/ws/probe", headers={"Origin": "https://evil.example"})
-    assert "403" in str(info.value)
-    with pytest.raises(Exception):
+    assert info.value.status == 403
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
         await client.ws_connect("/ws/probe")  # no Origin at all
+    assert info.value.status == 403
     ws = await client.ws_connect("/ws/probe", headers={"Origin": host})
     await ws.close()
 
@@ -296,6 +297,9 @@ async def test_allowed_origins_from_config(aiohttp_client, world, tmp_path):
     await login(c, "teach-a")
     ws = await c.ws_connect("/ws/probe", headers={"Origin": "https://proctor.school.example"})
     await ws.close()
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:  # only the configured one
+        await c.ws_connect("/ws/probe", headers={"Origin": "https://other.school.example"})
+    assert info.value.status == 403
 
 
 # ------------------------------------------------------------------------------------------ authorisation
@@ -360,11 +364,20 @@ async def test_student_sees_only_enrolled_exams_and_no_staff_views(client, world
     assert resp.status == 403
 
 
-async def test_teacher_cannot_use_admin_api(client):
+async def test_teacher_cannot_use_admin_api(client, world):
     token = await login(client, "teach-a")
     resp = await post(client, "/api/users", token, {"username": "x", "role": "admin"})
     assert resp.status == 403
     assert (await resp.json())["error"] == "this needs the role admin; you are logged in as a teacher"
+    teacher_b = world.teacher_b.id
+    for path in (f"/api/users/{teacher_b}/deactivate", f"/api/users/{teacher_b}/activate",
+                 f"/api/users/{teacher_b}/password", "/api/users/import", "/api/heads",
+                 "/api/heads/vscode/deactivate", "/api/heads/vscode/activate"):
+        resp = await post(client, path, token)
+        assert resp.status == 403, path
+        assert "needs the role admin" in (await resp.json())["error"], path
+    for path in ("/api/users", "/api/audit"):
+        assert (await client.get(path)).status == 403, path
 
 
 async def test_unknown_ids_are_404_with_the_id_named(client):
@@ -549,6 +562,14 @@ async def test_open_redirect_after_login_is_refused(client):
     resp = await client.post("/login", data={"username": "teach-a", "password": PASSWORD, "csrf_token": token,
                                              "next": "//evil.example/x"}, allow_redirects=False)
     assert resp.headers["Location"] == "/teacher"
+    # A browser strips the tab and reads "//evil.example/x": a host, not a path.
+    for target, expected in (("/\t/evil.example/x", "/teacher"), ("/\n/evil.example/x", "/teacher"),
+                             ("/ /evil.example/x", "/teacher"), ("/teacher/exams/new?x=1", "/teacher/exams/new?x=1")):
+        client.session.cookie_jar.clear()
+        token = _csrf_from(await (await client.get("/login")).text())
+        resp = await client.post("/login", data={"username": "teach-a", "password": PASSWORD, "csrf_token": token,
+                                                 "next": target}, allow_redirects=False)
+        assert resp.status == 302 and resp.headers["Location"] == expected, target
 
 
 async def test_page_form_creates_exam(client, world):
@@ -638,3 +659,46 @@ def test_openapi_file_lists_every_api_route_and_nothing_else(tmp_path):
         else:
             served.add((route.method, path))
     assert documented == served
+
+
+async def test_alert_lists_do_not_read_the_evidence_of_every_alert(client, world, monkeypatch):
+    asked = []
+    real = world.store.list_alerts
+
+    async def spy(*args, **kwargs):
+        asked.append(kwargs.get("with_evidence", True))
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(world.store, "list_alerts", spy)
+    await login(client, "teach-a")
+    resp = await client.get(f"/api/exams/{world.exam_a.id}/alerts")
+    assert resp.status == 200
+    assert [a["id"] for a in (await resp.json())["alerts"]] == [world.alert.id]
+    assert (await client.get(f"/api/exams/{world.exam_a.id}/export.csv")).status == 200
+    assert (await client.get(f"/teacher/exams/{world.exam_a.id}/review")).status == 200
+    assert asked == [False, False, False]
+
+
+async def test_head_upload_is_checked_off_the_event_loop(aiohttp_client, world, tmp_path):
+    import threading
+
+    threads = []
+
+    class Checker:
+        def check_head(self, head):
+            threads.append(threading.current_thread())  # the engine may load a backbone here: seconds
+            return None
+
+    client = await aiohttp_client(make_app(world, tmp_path, classifier=Checker()))
+    token = await login(client, "admin1")
+    resp = await client.post("/api/heads?filename=new.safetensors", data=head_file("newhead", "New"),
+                             headers={"X-CSRF-Token": token, "Content-Type": "application/octet-stream"})
+    assert resp.status == 201, await resp.text()
+    assert len(threads) == 1 and threads[0] is not threading.current_thread()
+
+
+async def test_ids_past_64_bits_are_a_clear_error(client, world):
+    await login(client, "teach-a")
+    resp = await client.get(f"/api/exams/{10**30}")
+    assert resp.status == 400
+    assert (await resp.json())["error"] == f"invalid exam id {10**30}: out of range"

@@ -82,8 +82,11 @@ def thumbnail_distance(a: np.ndarray, b: np.ndarray) -> float:
 def evidence_thumbnail(jpeg: bytes | memoryview, width: int = 320, quality: int = 70) -> bytes:
     """A small JPEG of the frame for the teacher's live alert list."""
     height = max(1, round(width * 9 / 16))
-    pixels = simplejpeg.decode_jpeg(jpeg, colorspace="RGB", fastdct=True, fastupsample=True,
-                                    min_width=width, min_height=height)
+    try:
+        pixels = simplejpeg.decode_jpeg(jpeg, colorspace="RGB", fastdct=True, fastupsample=True,
+                                        min_width=width, min_height=height)
+    except (ValueError, RuntimeError) as exc:
+        raise DecodeError(f"corrupt JPEG data: {exc}") from None
     if pixels.shape[1] > width:
         scale = width / pixels.shape[1]
         pixels = np.asarray(Image.fromarray(pixels).resize(

@@ -593,6 +593,9 @@ def _alert_columns(with_evidence: bool) -> str:
 def _int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidData(f"invalid {name} {value!r}: must be an integer")
+    # SQLite raises OverflowError (not a store error) past 64 bits; PostgreSQL's DataError maps to InvalidData.
+    if not -2**63 <= value < 2**63:
+        raise InvalidData(f"invalid {name} {value}: out of range")
     return value
 
 

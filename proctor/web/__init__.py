@@ -22,7 +22,7 @@ def setup(app: web.Application) -> None:
     app.middlewares.append(pages.page_error_middleware)
     app.router.add_routes(api.routes)
     app.router.add_routes(pages.routes)
-    app.router.add_routes(samples.routes)
+    samples.setup(app)
     app.router.add_static("/static/", STATIC_DIR, name="static")
 
 

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from proctor.appkeys import CLASSIFIER_KEY, STORE_KEY
 from proctor.passwords import hash_password, verify_password
-from proctor.storage.base import Conflict, InvalidData, NotFound, Store, StoreUnavailable, User
+from proctor.storage.base import Conflict, Exam, InvalidData, NotFound, Store, StoreUnavailable, User
 from proctor.web import services as sv
 from proctor.web.auth import (WEB_STATE_KEY, client_address, csrf_token, end_session, require_user,
                               start_session)
@@ -336,13 +336,19 @@ async def api_exam_state(request: web.Request) -> web.Response:
     return json_response({"exam": sv.exam_json(exam, actor)})
 
 
-@routes.get("/api/exams/{id}/alerts")
-async def api_exam_alerts(request: web.Request) -> web.Response:
+async def _exam_alerts(request: web.Request) -> tuple[User, Exam, list[dict[str, Any]]]:
+    """The staff member, their exam and its alerts filtered by ?student= and ?state= (list and CSV alike)."""
     actor = await require_user(request, "teacher", "admin")
     store = _store(request)
     exam = await sv.exam_for_staff(store, actor, path_id(request))
     alerts = await sv.list_alerts(store, exam, _int_param(request.query.get("student"), "student"),
                                   request.query.get("state") or None)
+    return actor, exam, alerts
+
+
+@routes.get("/api/exams/{id}/alerts")
+async def api_exam_alerts(request: web.Request) -> web.Response:
+    _, _, alerts = await _exam_alerts(request)
     return json_response({"alerts": alerts})
 
 
@@ -357,12 +363,8 @@ async def api_exam_events(request: web.Request) -> web.Response:
 
 @routes.get("/api/exams/{id}/export.csv")
 async def api_export_csv(request: web.Request) -> web.Response:
-    actor = await require_user(request, "teacher", "admin")
-    store = _store(request)
-    exam = await sv.exam_for_staff(store, actor, path_id(request))
-    alerts = await sv.list_alerts(store, exam, _int_param(request.query.get("student"), "student"),
-                                  request.query.get("state") or None)
-    await store.audit(actor.id, "alerts.exported", f"exam:{exam.id}", {"alerts": len(alerts)})
+    actor, exam, alerts = await _exam_alerts(request)
+    await _store(request).audit(actor.id, "alerts.exported", f"exam:{exam.id}", {"alerts": len(alerts)})
     return web.Response(text=sv.alerts_csv(alerts), content_type="text/csv", charset="utf-8",
                         headers={"Content-Disposition": f'attachment; filename="exam-{exam.id}-alerts.csv"'})
 

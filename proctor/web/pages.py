@@ -36,8 +36,11 @@ async def _form(request: web.Request) -> dict[str, str]:
 
 
 def _safe_next(target: str | None, user: User) -> str:
-    # Only local paths: an open redirect after login would hand phishing pages a trusted link.
-    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+    # Only local paths: an open redirect after login would hand phishing pages a trusted link. Browsers drop
+    # tabs and newlines from a URL, so "/<tab>/evil.example" would become "//evil.example": no control
+    # characters or spaces either.
+    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target \
+            and not any(ord(c) <= 0x20 or ord(c) == 0x7f for c in target):
         return target
     return _HOME.get(user.role, "/")
 

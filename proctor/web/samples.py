@@ -18,7 +18,7 @@ from aiohttp import WSMsgType, web
 from proctor import protocol
 from proctor.appkeys import CONFIG_KEY, STORE_KEY
 from proctor.batching import decode
-from proctor.server import _refuse, _ws_user
+from proctor.server import refuse, ws_user
 from proctor.storage import validate
 from proctor.storage.base import InvalidData, Store, StoreError, User
 from proctor.training_jobs import TRAINING_KEY, JobRefused
@@ -160,16 +160,32 @@ class _Recorder:
         await self.send({"type": "sample", "seq": seq, "count": self.count, "stored": True})
 
 
+_RECORDINGS = web.AppKey("sample_recordings", set)
+
+
+def setup(app: web.Application) -> None:
+    """The routes, and closing open recordings at shutdown."""
+    app[_RECORDINGS] = set()
+    app.on_shutdown.append(_close_recordings)
+    app.router.add_routes(routes)
+
+
+async def _close_recordings(app: web.Application) -> None:
+    # aiohttp waits (60 s) for running handlers before cleanup; a recording ends only when its socket does.
+    await asyncio.gather(*(ws.close(code=protocol.CLOSE_GOING_AWAY, message=b"server shutting down")
+                           for ws in list(app[_RECORDINGS])))
+
+
 @routes.get("/ws/samples")
 async def samples_socket(request: web.Request) -> web.StreamResponse:
     """A teacher's or admin's screen recorded as positive samples of `?label=`."""
-    user = await _ws_user(request)
+    user = await ws_user(request)
     if user.role not in _STAFF:
-        raise _refuse(web.HTTPForbidden, "only teachers and admins record samples")
+        raise refuse(web.HTTPForbidden, "only teachers and admins record samples")
     try:
         label = validate.head_name(request.query.get("label", ""))
     except InvalidData as exc:
-        raise web.HTTPBadRequest(text=json.dumps({"error": str(exc)}), content_type="application/json") from None
+        raise refuse(web.HTTPBadRequest, str(exc)) from None
     store = _store(request)
     count = (await store.count_samples()).get(label, 0)
     config = request.app[CONFIG_KEY]
@@ -177,12 +193,15 @@ async def samples_socket(request: web.Request) -> web.StreamResponse:
                                compress=False)
     await ws.prepare(request)
     recorder = _Recorder(request, ws, user, label, count)
+    recordings = request.app[_RECORDINGS]
+    recordings.add(ws)
     try:
         await recorder.run()
     except Exception:
         logger.exception("recording samples of %s by %s failed", label, user.username)
         await ws.close(code=protocol.CLOSE_INTERNAL, message=b"internal error")
     finally:
+        recordings.discard(ws)
         if recorder.stored:
             # One audit entry per recording, not per frame; a database outage must not hide the socket's end.
             try:

@@ -374,7 +374,8 @@ async def list_alerts(store: Store, exam: Exam, student_id: int | None = None,
                       state: str | None = None) -> list[dict[str, Any]]:
     if state is not None and state not in REVIEW_STATES:
         raise bad(f"invalid state {state!r}: must be one of {', '.join(REVIEW_STATES)}")
-    alerts = await store.list_alerts(exam.id, student_id=student_id, review_state=state)
+    # The JSON has no evidence (it is served by its own audited route): 500 students' frames stay on disk.
+    alerts = await store.list_alerts(exam.id, student_id=student_id, review_state=state, with_evidence=False)
     users = await _users_by_id(store, (a.student_id for a in alerts))
     return [alert_json(a, users.get(a.student_id)) for a in alerts]
 
@@ -473,7 +474,8 @@ def parse_head_file(data: bytes, filename: str = "head file", classifier: Any = 
 
 
 async def add_head(store: Store, actor: User, data: bytes, filename: str, classifier: Any = None) -> HeadRecord:
-    record = parse_head_file(data, filename, classifier)
+    # Off the event loop: parsing imports torch on first use and check_head may load a backbone (seconds).
+    record = await asyncio.get_running_loop().run_in_executor(None, parse_head_file, data, filename, classifier)
     try:
         head = await store.add_head(record)
     except Conflict:
