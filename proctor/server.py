@@ -256,12 +256,12 @@ async def _pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     app[STREAM_CTX_KEY] = StreamContext(config=config, metrics=metrics, batcher=batcher,
                                         decode_executor=decode_pool, hub=hub, classifier=classifier,
                                         write=write, store=store)
-    stale_task = asyncio.create_task(_watch_stale(hub), name="stale-watch")
+    housekeeping = asyncio.create_task(_housekeeping(hub, classifier, metrics), name="housekeeping")
     try:
         yield
     finally:
-        stale_task.cancel()
-        await asyncio.gather(stale_task, return_exceptions=True)
+        housekeeping.cancel()
+        await asyncio.gather(housekeeping, return_exceptions=True)
         await hub.close_all(protocol.CLOSE_GOING_AWAY, "server shutting down")
         await batcher.close()
         # Joining the threads waits for a batch in the model: not on the event loop.
@@ -281,11 +281,16 @@ async def _close_sockets(app: web.Application) -> None:
         await hub.close_all(protocol.CLOSE_GOING_AWAY, "server shutting down")
 
 
-async def _watch_stale(hub: Hub) -> None:
+async def _housekeeping(hub: Hub, classifier: Classifier, metrics: Metrics) -> None:
+    """Once a second: mark silent streams stale, and sample the GPU memory the model holds."""
     loop = asyncio.get_running_loop()
+    device_memory = getattr(classifier, "device_memory_bytes", None)
     while True:
         await asyncio.sleep(1.0)
         hub.mark_stale(loop.time())
+        used = device_memory() if device_memory is not None else None
+        if used is not None:
+            metrics.gpu_memory_bytes.set(used)
 
 
 async def _notifications_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -689,3 +689,17 @@ async def test_an_ended_exam_is_forgotten_once_its_last_socket_closes(server, ha
         await asyncio.sleep(0.02)
     # Before: every exam's room (presence of each student) stayed in memory until the server restarted.
     assert hall["exam"].id not in hub._rooms
+
+
+async def test_gpu_memory_gauge_follows_the_model(store, hall, tmp_path, aiohttp_client):
+    classifier = FakeClassifier()
+    classifier.device_memory_bytes = lambda: 123_456_789  # as Engine reports on CUDA
+    app = create_app(make_config(tmp_path), store=store, classifier=classifier,
+                     authenticator=HeaderAuthenticator(store))
+    client = await aiohttp_client(app)
+    for _ in range(40):
+        text = await (await client.get("/metrics")).text()
+        if "proctor_gpu_memory_bytes 1.23456789e+08" in text:
+            break
+        await asyncio.sleep(0.1)
+    assert "proctor_gpu_memory_bytes 1.23456789e+08" in text

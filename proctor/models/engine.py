@@ -338,6 +338,12 @@ class Engine:
             return np.zeros((0, feature_dim(spec.preprocessing, spec.pooling)), np.float32)
         return np.concatenate(out)
 
+    def device_memory_bytes(self) -> int | None:
+        """GPU memory the engine's tensors hold now (CUDA only; None on the CPU)."""
+        if self.device.type != "cuda":
+            return None
+        return int(torch.cuda.memory_allocated(self.device))
+
     def describe(self) -> dict[str, Any]:
         """What runs where, for logs and health pages."""
         state = self._state
