@@ -33,7 +33,7 @@ JOB_STATES = ("queued", "running", "done", "failed")
 MIN_POSITIVES = 10
 # Below this many stored negatives, the bundled screenshots of other programs are added.
 FEW_NEGATIVES = 50
-MIN_NEGATIVES = 2  # train_head keeps one of each class for validation
+MIN_NEGATIVES = 2  # train_head needs 2 of each class: every cross-validation fold trains on one of each
 # Stored negatives beyond this are subsampled (seeded): features of 2000 frames are plenty for one head.
 MAX_NEGATIVES = 2000
 DEFAULT_SCREENS_DIR = Path(__file__).resolve().parent.parent / "data" / "screens"

@@ -97,8 +97,10 @@ def test_training_reuses_cached_features(tiny, tmp_path, monkeypatch):
     second = train_head("red", pos, neg, tiny, options=options, progress=lambda *a: progress.append(a))
     assert calls == []  # every (image, variant) came from the cache
     assert second.metrics == first.metrics
-    assert ("features", 0, 0) not in progress and progress[-1] == ("fit", 1, 1)
-    assert second.metrics["val_positives"] == 1 and second.metrics["train_positives"] == 2
+    assert ("features", 0, 0) not in progress and progress[-1] == ("fit", 4, 4)
+    # 3 images a class: 3 folds, every image scored out of fold, the shipped head fitted on all of them.
+    assert second.metrics["folds"] == 3 and second.metrics["tp"] + second.metrics["fn"] == 3
+    assert second.metrics["train_positives"] == 3 and second.metrics["train_negatives"] == 3
 
 
 def test_mlp_head_and_file_round_trip(tiny, tmp_path):
@@ -118,13 +120,17 @@ def test_augment_is_deterministic_and_varies_with_the_seed():
     assert any(not np.array_equal(np.asarray(a), np.asarray(training.augment(img, s))) for s in range(8, 12))
 
 
-def test_split_is_stratified_and_seeded():
+def test_folds_are_stratified_and_seeded():
     labels = np.array([1] * 8 + [0] * 40)
-    train, val = training.split(labels, 0.25, seed=3)
-    assert set(train) | set(val) == set(range(48)) and not set(train) & set(val)
-    assert labels[val].sum() == 2 and (labels[val] == 0).sum() == 10
-    assert np.array_equal(val, training.split(labels, 0.25, seed=3)[1])
-    assert not np.array_equal(val, training.split(labels, 0.25, seed=4)[1])
+    fold = training.fold_ids(labels, 4, seed=3)
+    assert set(fold) == {0, 1, 2, 3}
+    for f in range(4):
+        assert labels[fold == f].sum() == 2 and (labels[fold == f] == 0).sum() == 10
+    assert np.array_equal(fold, training.fold_ids(labels, 4, seed=3))
+    assert not np.array_equal(fold, training.fold_ids(labels, 4, seed=4))
+    # Fewer positives than folds: one fold per positive, so every fold keeps one for training.
+    few = training.fold_ids(np.array([1, 1, 0, 0, 0, 0]), 4, seed=0)
+    assert set(few) == {0, 1} and all(np.array([1, 1, 0, 0, 0, 0])[few == f].sum() == 1 for f in (0, 1))
 
 
 def test_threshold_keeps_positives_and_leaves_margin():
@@ -181,6 +187,8 @@ def test_same_image_in_both_classes_is_refused(tiny):
 def test_bad_options_are_refused(tiny):
     with pytest.raises(TrainingError, match="target false-alarm rate 0.7"):
         train_head("x", [b"a"], [b"b"], tiny, options=TrainOptions(target_far=0.7))
+    with pytest.raises(TrainingError, match="number of folds 1"):
+        train_head("x", [b"a"], [b"b"], tiny, options=TrainOptions(folds=1))
 
 
 def test_train_head_command(tmp_path, capsys, monkeypatch):

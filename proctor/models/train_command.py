@@ -26,9 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--program", default=None, help="the program's display name (default: NAME)")
     p.add_argument("--mlp", action="store_true", help="a small MLP head instead of logistic regression")
     p.add_argument("--target-far", type=float, default=0.01,
-                   help="false-alarm rate the threshold is picked for on the validation split (default 0.01)")
+                   help="false-alarm rate the threshold is picked for on out-of-fold scores (default 0.01)")
     p.add_argument("--no-augment", action="store_true", help="train on the screenshots as they are")
-    p.add_argument("--seed", type=int, default=0, help="seed of the validation split and augmentation")
+    p.add_argument("--seed", type=int, default=0, help="seed of the cross-validation folds and augmentation")
     p.add_argument("--backbone-weights", default=None,
                    help="'bundled', 'imagenet' or a weights file (default: the server's configuration)")
     p.add_argument("--data-dir", default=None, help="where the feature cache lives (default: the server's)")

@@ -9,9 +9,11 @@ partly covered by another window. Features of every (image, variant) are cached 
 image's sha256 and the backbone's hash, so retraining or training another head on the same images
 only runs the backbone for new images.
 
-The threshold is picked on a held-out, stratified, seeded validation split for a target false-alarm
-rate: the fraction of the program's own frames that would score below it (in the whitelist, such a
-frame raises an alert although the program is allowed).
+The threshold is picked for a target false-alarm rate (the fraction of the program's own frames that
+would score below it; in the whitelist, such a frame raises an alert although the program is allowed)
+on out-of-fold scores: stratified, seeded k-fold cross-validation scores every image with a head that
+did not see it, so the threshold rests on all the screenshots instead of a small validation share; the
+head itself is then fitted on all of them.
 """
 
 from __future__ import annotations
@@ -56,7 +58,9 @@ class TrainOptions:
     mlp: bool = False
     hidden: int = 64
     target_far: float = 0.01
-    val_fraction: float = 0.25
+    # Cross-validation folds for the out-of-fold scores the threshold is picked on (fewer when a class has
+    # fewer images).
+    folds: int = 4
     seed: int = 0
     augment: bool = True
     # Augmented copies per training image (the original is always used too).
@@ -71,8 +75,8 @@ class TrainOptions:
     def check(self) -> None:
         if not 0.0 < self.target_far < 0.5:
             raise TrainingError(f"invalid target false-alarm rate {self.target_far!r}: must be in (0, 0.5)")
-        if not 0.05 <= self.val_fraction <= 0.5:
-            raise TrainingError(f"invalid validation fraction {self.val_fraction!r}: must be in [0.05, 0.5]")
+        if not 2 <= self.folds <= 20:
+            raise TrainingError(f"invalid number of folds {self.folds!r}: must be 2..20")
         if not 0 <= self.copies <= 32:
             raise TrainingError(f"invalid augmented copies {self.copies!r}: must be 0..32")
         if not 0.0 <= self.threshold_position <= 1.0:
@@ -299,17 +303,20 @@ def features(images: Sequence[_Image], variants: int, backbone: Backbone, cache:
 # --- fitting ------------------------------------------------------------------------------------------------
 
 
-def split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified, seeded train/validation indices; every class keeps at least one image on each side."""
+def fold_ids(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Stratified, seeded fold number of every image; each fold gets images of both classes.
+
+    Uses min(folds, smallest class size) folds, so that every fold leaves at least one image of each
+    class for the head that scores it.
+    """
+    k = max(2, min(folds, int((labels == 1).sum()), int((labels == 0).sum())))
     rng = np.random.default_rng(seed)
-    train, val = [], []
+    out = np.zeros(len(labels), dtype=np.int64)
     for cls in (0, 1):
         idx = np.flatnonzero(labels == cls)
         rng.shuffle(idx)
-        n_val = min(len(idx) - 1, max(1, round(len(idx) * fraction)))
-        val.append(idx[:n_val])
-        train.append(idx[n_val:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+        out[idx] = np.arange(len(idx)) % k
+    return out
 
 
 def _fit(x: np.ndarray, y: np.ndarray, options: TrainOptions) -> dict[str, np.ndarray]:
@@ -418,31 +425,34 @@ def train_head(name: str, positives: Sequence[ImageSource] | str | os.PathLike,
         raise TrainingError(f"{both}: the same image is among both positives and negatives")
     images = pos + neg
     labels = np.array([1] * len(pos) + [0] * len(neg))
-    train_idx, val_idx = split(labels, options.val_fraction, options.seed)
+    fold = fold_ids(labels, options.folds, options.seed)
+    k = int(fold.max()) + 1
     cache = FeatureCache(options.cache_dir, backbone)
     variants = 1 + (options.copies if options.augment else 0)
-    # Train images get their augmented copies; validation images are judged as they are.
-    train_feats = features([images[i] for i in train_idx], variants, backbone, cache, progress)
-    val_feats = features([images[i] for i in val_idx], 1, backbone, cache, progress)[:, 0]
-    x = train_feats.reshape(-1, train_feats.shape[-1])
-    y = np.repeat(labels[train_idx], variants)
-    if progress:
-        progress("fit", 0, 1)
-    tensors = _fit(x, y, options)
+    # Every image is in training for all folds but its own, so every image gets its augmented copies;
+    # an image is scored out of fold as it is (variant 0).
+    feats = features(images, variants, backbone, cache, progress)
     kind = "mlp" if options.mlp else "logistic"
-    provisional = make_head(name, program or name, kind, tensors, backbone.spec, threshold=0.5)
-    val_scores = provisional.scores(val_feats)
-    threshold = pick_threshold(val_scores[labels[val_idx] == 1], val_scores[labels[val_idx] == 0],
-                               options.target_far, options.threshold_position)
-    metrics = evaluate(val_scores, labels[val_idx], threshold)
+    oof = np.zeros(len(images), dtype=np.float32)
+    for f in range(k + 1):
+        if progress:
+            progress("fit", f, k + 1)
+        # Folds 0..k-1 give out-of-fold scores; the last pass fits the shipped head on everything.
+        train = fold != f
+        x = feats[train].reshape(-1, feats.shape[-1])
+        y = np.repeat(labels[train], variants)
+        tensors = _fit(x, y, options)
+        model = make_head(name, program or name, kind, tensors, backbone.spec, threshold=0.5)
+        if f < k:
+            oof[~train] = model.scores(feats[~train, 0])
+    threshold = pick_threshold(oof[labels == 1], oof[labels == 0], options.target_far, options.threshold_position)
+    metrics = evaluate(oof, labels, threshold)
     metrics.update({"threshold": round(threshold, 6), "target_far": options.target_far, "kind": kind,
-                    "augmented_copies": variants - 1, "train_positives": int((labels[train_idx] == 1).sum()),
-                    "train_negatives": int((labels[train_idx] == 0).sum()),
-                    "val_positives": int((labels[val_idx] == 1).sum()),
-                    "val_negatives": int((labels[val_idx] == 0).sum()), "seed": options.seed})
+                    "augmented_copies": variants - 1, "train_positives": len(pos), "train_negatives": len(neg),
+                    "validation": f"out-of-fold, {k} folds", "folds": k, "seed": options.seed})
     if progress:
-        progress("fit", 1, 1)
-    head = provisional.replace(threshold=threshold, description=description, metrics=metrics)
+        progress("fit", k + 1, k + 1)
+    head = model.replace(threshold=threshold, description=description, metrics=metrics)
     logger.info("trained head %s: %s", name, metrics)
     return TrainResult(head, metrics)
 
@@ -455,4 +465,4 @@ def register(subparsers) -> None:
 
 
 __all__ = ["FeatureCache", "read_images", "TrainOptions", "TrainResult", "TrainingError", "augment", "evaluate", "features",
-           "list_images", "pick_threshold", "split", "train_head"]
+           "fold_ids", "list_images", "pick_threshold", "train_head"]
