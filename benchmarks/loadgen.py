@@ -658,6 +658,7 @@ class Tally:
     def __init__(self) -> None:
         self.latencies_ms: list[float] = []
         self.changed_latencies_ms: list[float] = []
+        self.join_latencies_ms: list[float] = []
         self.send_lag_ms: list[float] = []
         self.sent = 0
         self.sent_changed = 0
@@ -727,7 +728,7 @@ class Student:
                      stop_at: float, drain_s: float, tally: Tally) -> None:
         """Send frames on schedule until `stop_at`, read verdicts, then wait for the outstanding ones."""
         loop = asyncio.get_running_loop()
-        pending: dict[int, tuple[float, bool]] = {}
+        pending: dict[int, tuple[float, bool, bool]] = {}  # seq -> (sent at, changed, first frame)
         done_sending = asyncio.Event()
         reader = asyncio.ensure_future(self._read(ws, pending, done_sending, tally))
         beat = asyncio.ensure_future(self._heartbeat(ws, first_at, stop_at, tally))
@@ -741,7 +742,7 @@ class Student:
                 tally.send_lag_ms.append(max(0.0, loop.time() - at) * 1000)
                 index, changed = plan.next()
                 seq += 1
-                pending[seq] = (loop.time(), changed)
+                pending[seq] = (loop.time(), changed, seq == 1)
                 tally.sent += 1
                 tally.sent_changed += changed
                 await ws.send_bytes(pack_frame(seq, time.time() * 1000.0, pool[index]))
@@ -775,7 +776,7 @@ class Student:
             tally.heartbeats += 1
             at += period
 
-    async def _read(self, ws: Any, pending: dict[int, tuple[float, bool]], done_sending: asyncio.Event,
+    async def _read(self, ws: Any, pending: dict[int, tuple[float, bool, bool]], done_sending: asyncio.Event,
                     tally: Tally) -> None:
         """Match answers to frames until sending stopped and nothing is outstanding, or the socket closed."""
         import aiohttp
@@ -803,12 +804,17 @@ class Student:
             kind = data.get("type")
             seq = data.get("seq")
             if kind == "verdict" and seq in pending:
-                sent_at, changed = pending.pop(seq)
+                sent_at, changed, first = pending.pop(seq)
                 now = loop.time()
                 ms = (now - sent_at) * 1000.0
-                tally.latencies_ms.append(ms)
-                if changed:
-                    tally.changed_latencies_ms.append(ms)
+                if first:
+                    # A student's first frame is always classified (the server has no screen to compare
+                    # it with): the join burst is reported apart from the steady state.
+                    tally.join_latencies_ms.append(ms)
+                else:
+                    tally.latencies_ms.append(ms)
+                    if changed:
+                        tally.changed_latencies_ms.append(ms)
                 tally.verdicts += 1
                 tally.cached += bool(data.get("cached"))
                 tally.last_answer = now
@@ -912,6 +918,8 @@ async def run_once(opts: Options, students: Sequence[Student], exam_id: int, poo
         "processed_fps": round(tally.verdicts / answered_window, 2),
         "latency_ms": latency_summary(tally.latencies_ms),
         "latency_changed_ms": latency_summary(tally.changed_latencies_ms),
+        # Every student's first frame, all sent within the first frame period: the exam-start burst.
+        "latency_join_ms": latency_summary(tally.join_latencies_ms),
         "frames_sent": tally.sent,
         "frames_sent_changed": tally.sent_changed,
         "verdicts": tally.verdicts,
@@ -938,6 +946,10 @@ def print_result(r: dict[str, Any], out: Any = sys.stdout) -> None:
           f"{r['duration_s']:.0f} s: offered {r['offered_fps']:.1f} frames/s, processed {r['processed_fps']:.1f}; "
           f"latency ms p50 {ms(lat['p50'])} p95 {ms(lat['p95'])} p99 {ms(lat['p99'])} max {ms(lat['max'])}",
           file=out)
+    join = r.get("latency_join_ms")
+    if join and join.get("p50") is not None:
+        print(f"  first frame of each student (join burst, always classified): latency ms p50 {ms(join['p50'])} "
+              f"p99 {ms(join['p99'])} max {ms(join['max'])}", file=out)
     print(f"  sent {r['frames_sent']}, verdicts {r['verdicts']} ({r['cached_verdicts']} cached), "
           f"dropped {r['dropped'] or 0}, errors {r['errors'] or 0}", file=out)
     if r.get("processed_vs_backbone") is not None:

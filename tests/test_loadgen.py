@@ -338,11 +338,13 @@ class FakeProctor:
     """The API and stream protocol loadgen speaks, with a scripted server: answers, drops or silence."""
 
     def __init__(self, answer_delay_s: float = 0.01, drop_every: int = 0, ignore_every: int = 0,
-                 token: str | None = "tok") -> None:
+                 token: str | None = "tok", first_delay_s: float | None = None) -> None:
         self.metrics = Metrics(CollectorRegistry())
         self.users: dict[str, tuple[str, str]] = {"admin": ("a-long-password", "admin")}
         self.sessions: dict[str, str] = {}
         self.answer_delay_s = answer_delay_s
+        # How long the first frame of each student takes (a server classifies every first frame).
+        self.first_delay_s = answer_delay_s if first_delay_s is None else first_delay_s
         self.drop_every = drop_every
         self.ignore_every = ignore_every
         self.token = token
@@ -437,7 +439,7 @@ class FakeProctor:
             if self.drop_every and header.seq % self.drop_every == 0:
                 await ws.send_json({"type": "error", "code": E_OVERLOADED, "message": "busy", "seq": header.seq})
                 continue
-            await asyncio.sleep(self.answer_delay_s)
+            await asyncio.sleep(self.first_delay_s if header.seq == 1 else self.answer_delay_s)
             cached = bytes(jpeg) == last
             last = bytes(jpeg)
             await ws.send_json({"type": "verdict", "seq": header.seq, "capture_ms": header.capture_ms,
@@ -465,6 +467,19 @@ def _options(url: str, tmp_path: Path, *extra: str) -> loadgen.Options:
     _write_jpegs(images, 3)
     return loadgen.parse_options(["--url", url, "--images", str(images), "--pool", "6", "--max-width", "640",
                                   "--connect-timeout", "20", *_ADMIN, *extra])
+
+
+async def test_first_frames_are_reported_apart_as_the_join_burst(tmp_path: Path) -> None:
+    fake = FakeProctor(answer_delay_s=0.01, first_delay_s=0.4)
+    runner, url = await _serve(fake.app())
+    fake.origin = url
+    try:
+        opts = _options(url, tmp_path, "--students", "4", "--fps", "4", "--duration", "1.5")
+        report = await loadgen.run(opts)
+    finally:
+        await runner.cleanup()
+    assert report["latency_join_ms"]["p50"] >= 400  # every student's first frame, slow on purpose
+    assert report["latency_ms"]["max"] < 300  # the steady state does not include them
 
 
 async def test_run_against_fake_server_measures_every_frame(tmp_path: Path) -> None:

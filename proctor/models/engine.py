@@ -58,6 +58,9 @@ class _OnnxRunner:
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3  # warnings about unused initializers are noise here
+        # ONNX Runtime's worker threads spin between calls by default: on a server that also runs the
+        # event loop and the JPEG decode threads on the same few cores, spinning steals their time.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         source = str(graph) if isinstance(graph, Path) else graph
         self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         self.input_name = INPUT_NAME
