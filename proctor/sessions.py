@@ -291,6 +291,13 @@ class _TokenBucket:
         return False
 
 
+@dataclass
+class _InFlight:
+    jpeg: bytes
+    thumb: np.ndarray | None
+    verdict: asyncio.Future  # resolved with the FrameVerdict, or None when classification failed
+
+
 class StreamSession:
     """One student streaming into one exam over one WebSocket."""
 
@@ -321,6 +328,8 @@ class StreamSession:
         self._last_thumb: np.ndarray | None = None
         self._last_verdict: FrameVerdict | None = None
         self._last_heads: tuple[HeadInfo, ...] = ()
+        # The frame being classified now, so a same-screen frame can wait for its verdict.
+        self._inflight: _InFlight | None = None
         self._alert_id: str | None = None
         # Frames are numbered on arrival; thumbnails finish out of order on the decode threads, and
         # an older frame must never replace a newer one in the batcher.
@@ -463,6 +472,8 @@ class StreamSession:
         cached = False
         try:
             verdict, thumb = await self._unchanged_verdict(jpeg)
+            if verdict is None:
+                verdict = await self._inflight_verdict(jpeg, thumb)
             if verdict is not None:
                 cached = True
                 ctx.metrics.frames_unchanged.inc()
@@ -470,15 +481,7 @@ class StreamSession:
                 if arrival < self._newest_submitted:
                     raise Replaced("a newer frame is already queued")
                 self._newest_submitted = arrival
-                future = ctx.batcher.submit(self.key, jpeg)
-                try:
-                    heads, values = await future
-                except asyncio.CancelledError:
-                    future.cancel()  # the session is going away: the batcher skips this frame
-                    raise
-                verdict = judge(dict(zip((h.name for h in heads), map(float, values))), heads, self.policy)
-                self._last_bytes, self._last_thumb, self._last_verdict = jpeg, thumb, verdict
-                self._last_heads = heads
+                verdict = await self._submit(jpeg, thumb)
         except Replaced:
             self._drop("replaced", protocol.E_REPLACED, "a newer frame replaced this one", seq)
             return
@@ -503,6 +506,44 @@ class StreamSession:
         self._outbox.send({"type": "verdict", "seq": seq, "capture_ms": capture_ms, "status": status,
                            "program": verdict.program, "cached": cached})
         ctx.metrics.frame_latency_seconds.observe(self._loop.time() - received_at)
+
+    async def _submit(self, jpeg: bytes, thumb: np.ndarray | None) -> FrameVerdict:
+        """Classify through the batcher; frames of the same screen arriving meanwhile wait for this verdict."""
+        inflight = _InFlight(jpeg, thumb, self._loop.create_future())
+        self._inflight = inflight
+        verdict: FrameVerdict | None = None
+        future: asyncio.Future | None = None
+        try:
+            future = self.ctx.batcher.submit(self.key, jpeg)  # may refuse at once (QueueFull)
+            heads, values = await future
+            verdict = judge(dict(zip((h.name for h in heads), map(float, values))), heads, self.policy)
+            self._last_bytes, self._last_thumb, self._last_verdict = jpeg, thumb, verdict
+            self._last_heads = heads
+            return verdict
+        except asyncio.CancelledError:
+            if future is not None:
+                future.cancel()  # the session is going away: the batcher skips this frame
+            raise
+        finally:
+            inflight.verdict.set_result(verdict)  # None: that classification did not complete
+            if self._inflight is inflight:
+                self._inflight = None
+
+    async def _inflight_verdict(self, jpeg: bytes, thumb: np.ndarray | None) -> FrameVerdict | None:
+        """The verdict of the frame being classified now, when this frame shows the same screen.
+
+        Without this, a student's second frame arriving while the first is still queued (the burst
+        when a whole hall joins) would go to the model again although nothing changed.
+        """
+        inflight = self._inflight
+        if inflight is None:
+            return None
+        same = jpeg == inflight.jpeg or (
+            thumb is not None and inflight.thumb is not None
+            and decode.thumbnail_distance(thumb, inflight.thumb) < self.ctx.config.change_threshold)
+        if not same:
+            return None
+        return await asyncio.shield(inflight.verdict)
 
     async def _unchanged_verdict(self, jpeg: bytes) -> tuple[FrameVerdict | None, np.ndarray | None]:
         """(the last verdict, None) when this screen is practically the one last classified, else (None, thumbnail)."""

@@ -703,3 +703,19 @@ async def test_gpu_memory_gauge_follows_the_model(store, hall, tmp_path, aiohttp
             break
         await asyncio.sleep(0.1)
     assert "proctor_gpu_memory_bytes 1.23456789e+08" in text
+
+
+async def test_same_screen_while_the_first_is_classified_waits_for_its_verdict(server, hall, classifier):
+    classifier.delay_s = 0.3  # the first frame is still in the model when the second arrives
+    client = await server()
+    alice = await connect_student(client, hall["a"], hall["exam"])
+    pixels = np.random.default_rng(3).integers(0, 40, (720, 1280, 3), dtype=np.uint8)
+    pixels[:, :, 1] = 200
+    await send_frame(alice, 1, simplejpeg.encode_jpeg(pixels, quality=80, colorspace="RGB"))
+    await asyncio.sleep(0.05)
+    await send_frame(alice, 2, simplejpeg.encode_jpeg(pixels, quality=60, colorspace="RGB"))
+    first, second = await answers_for(alice, [1, 2])
+    assert first["type"] == second["type"] == "verdict"
+    assert first["cached"] is False and second["cached"] is True and second["status"] == "ok"
+    assert classifier.backbone_calls == 1  # the join burst does not classify the same screen twice
+    await alice.close()
