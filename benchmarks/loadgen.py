@@ -260,6 +260,7 @@ class Options:
     students: int
     fps: float
     duration_s: float
+    warmup_s: float
     changed: float
     images: Path | None
     images_given: bool
@@ -302,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the server, scheme://host:port; nothing else is ever contacted (default %(default)s)")
     p.add_argument("--students", type=int, default=20, help="simulated students (default %(default)s)")
     p.add_argument("--fps", type=float, default=0.2, help="frames per second per student (default %(default)s)")
+    p.add_argument("--warmup", type=float, default=0.0, dest="warmup_s",
+                   help="seconds at the start whose frames are left out of latency_ms (reported as "
+                        "latency_warmup_ms): the steady state after a whole hall has joined (default 0)")
     p.add_argument("--duration", type=float, default=30.0, dest="duration_s",
                    help="seconds of streaming per run (default %(default)s)")
     p.add_argument("--changed", type=float, default=0.2,
@@ -366,6 +370,8 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
     url = _check_url(a.url)
     need(1 <= a.students <= MAX_STUDENTS, f"--students {a.students} must be 1..{MAX_STUDENTS}")
     need(math.isfinite(a.fps) and 0 < a.fps <= MAX_FPS, f"--fps {a.fps} must be > 0 and <= {MAX_FPS}")
+    need(math.isfinite(a.warmup_s) and 0 <= a.warmup_s < a.duration_s,
+         f"--warmup {a.warmup_s} must be 0 or more and shorter than --duration {a.duration_s}")
     need(math.isfinite(a.duration_s) and 1 <= a.duration_s <= MAX_DURATION_S,
          f"--duration {a.duration_s} must be 1..{MAX_DURATION_S:.0f} seconds")
     need(math.isfinite(a.changed) and 0 <= a.changed <= 1, f"--changed {a.changed} must be 0..1")
@@ -402,7 +408,7 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
     if a.find_capacity and plot is None:
         plot = json_path.with_suffix(".png") if json_path is not None else Path("capacity.png")
     return Options(
-        url=url, students=a.students, fps=a.fps, duration_s=a.duration_s, changed=a.changed, images=images,
+        url=url, students=a.students, fps=a.fps, duration_s=a.duration_s, warmup_s=a.warmup_s, changed=a.changed, images=images,
         images_given=a.images is not None, pool=a.pool, max_width=a.max_width, jpeg_quality=a.jpeg_quality,
         admin_user=a.admin_user, admin_password=a.admin_password, credentials=credentials,
         save_credentials=Path(a.save_credentials) if a.save_credentials else None,
@@ -659,6 +665,8 @@ class Tally:
         self.latencies_ms: list[float] = []
         self.changed_latencies_ms: list[float] = []
         self.join_latencies_ms: list[float] = []
+        self.warmup_latencies_ms: list[float] = []
+        self.measure_from = 0.0  # loop time: frames sent earlier are warm-up
         self.send_lag_ms: list[float] = []
         self.sent = 0
         self.sent_changed = 0
@@ -811,6 +819,8 @@ class Student:
                     # A student's first frame is always classified (the server has no screen to compare
                     # it with): the join burst is reported apart from the steady state.
                     tally.join_latencies_ms.append(ms)
+                elif sent_at < tally.measure_from:
+                    tally.warmup_latencies_ms.append(ms)
                 else:
                     tally.latencies_ms.append(ms)
                     if changed:
@@ -886,6 +896,7 @@ async def run_once(opts: Options, students: Sequence[Student], exam_id: int, poo
     # Spread the first frames evenly over one period so the students do not all send in the same millisecond.
     t0 = loop.time() + 0.1
     stop_at = t0 + opts.duration_s
+    tally.measure_from = t0 + opts.warmup_s
     cpu0 = time.process_time()
     rng = random.Random(opts.seed)
     tasks = [asyncio.ensure_future(s.stream(ws, pool, FramePlan(len(pool), opts.changed,
@@ -920,6 +931,8 @@ async def run_once(opts: Options, students: Sequence[Student], exam_id: int, poo
         "latency_changed_ms": latency_summary(tally.changed_latencies_ms),
         # Every student's first frame, all sent within the first frame period: the exam-start burst.
         "latency_join_ms": latency_summary(tally.join_latencies_ms),
+        "warmup_s": opts.warmup_s,
+        "latency_warmup_ms": latency_summary(tally.warmup_latencies_ms),
         "frames_sent": tally.sent,
         "frames_sent_changed": tally.sent_changed,
         "verdicts": tally.verdicts,

@@ -482,6 +482,22 @@ async def test_first_frames_are_reported_apart_as_the_join_burst(tmp_path: Path)
     assert report["latency_ms"]["max"] < 300  # the steady state does not include them
 
 
+async def test_warmup_frames_are_left_out_of_the_steady_state(tmp_path: Path) -> None:
+    fake = FakeProctor(answer_delay_s=0.01)
+    runner, url = await _serve(fake.app())
+    fake.origin = url
+    try:
+        opts = _options(url, tmp_path, "--students", "2", "--fps", "4", "--duration", "2", "--warmup", "1")
+        report = await loadgen.run(opts)
+    finally:
+        await runner.cleanup()
+    assert report["warmup_s"] == 1.0
+    # 2 students x 4 frames/s: the first second is 2 join frames + 6 warm-up frames, the rest steady.
+    assert report["latency_warmup_ms"]["p50"] is not None and report["latency_ms"]["p50"] is not None
+    with pytest.raises(loadgen.LoadgenError, match="--warmup 2.0 must be"):
+        _options(url, tmp_path, "--duration", "2", "--warmup", "2")
+
+
 async def test_run_against_fake_server_measures_every_frame(tmp_path: Path) -> None:
     fake = FakeProctor(answer_delay_s=0.02, drop_every=5)
     runner, url = await _serve(fake.app())
