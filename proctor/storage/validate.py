@@ -10,9 +10,9 @@ import uuid
 from typing import Any, Sequence
 
 import numpy as np
-import simplejpeg
 from safetensors.numpy import load as load_safetensors
 
+from proctor.batching import decode
 from proctor.storage.base import EVENT_KINDS, REVIEW_STATES, ROLES, InvalidData
 
 ALERT_VERDICTS = ("unrecognised", "forbidden_program")
@@ -20,7 +20,6 @@ CHANNELS = ("alert", "alert_closed", "presence", "heads", "exam")
 MAX_NOTIFY_BYTES = 1000  # PostgreSQL allows 8000; ids only, so a small cap catches misuse early.
 _USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 _HEAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_JPEG_SOI = b"\xff\xd8\xff"
 
 
 def username(value: str) -> str:
@@ -132,14 +131,10 @@ def jpeg(name: str, data: bytes) -> bytes:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise InvalidData(f"{name} must be bytes, got {type(data).__name__}")
     data = bytes(data)
-    if not data.startswith(_JPEG_SOI):
-        raise InvalidData(f"{name} is not a JPEG (no SOI marker; {len(data)} bytes)")
     try:
-        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-    except (ValueError, RuntimeError) as exc:
-        raise InvalidData(f"{name} is a corrupt JPEG: {exc}") from None
-    if width <= 0 or height <= 0:
-        raise InvalidData(f"{name} is a corrupt JPEG: {width}x{height} pixels")
+        decode.read_size(data)  # the same header check as the frame path
+    except decode.DecodeError as exc:
+        raise InvalidData(f"{name}: {exc} ({len(data)} bytes)") from None
     return data
 
 
