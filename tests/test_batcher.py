@@ -228,20 +228,21 @@ async def test_every_future_resolved_exactly_once_under_churn(pools):
     await batcher.close()
 
 
-async def test_decoded_frame_waiting_for_the_model_yields_to_a_newer_one(pools):
+async def test_decoded_frame_waiting_for_the_model_is_classified_and_the_newer_one_queues(pools):
     rec = Recorder()
     rec.gate.clear()
     batcher = make(rec, pools, max_batch=4, max_wait_s=0.0)
     busy = batcher.submit("other", 0)
     await asyncio.sleep(0.05)  # 'other' is in the model
-    stale = batcher.submit("s", 1)
+    staged = batcher.submit("s", 1)
     await asyncio.sleep(0.05)  # decoded and staged, waiting for the model
-    fresh = batcher.submit("s", 2)  # cannot replace it in the queue: it already left
+    fresh = batcher.submit("s", 2)  # it cannot replace a frame that already left the queue
+    newest = batcher.submit("s", 3)  # but it replaces the one still queued
     rec.gate.set()
     with pytest.raises(Replaced):
-        await stale
-    assert await asyncio.gather(busy, fresh) == [0, 20]
-    assert [1] not in rec.batches
+        await fresh
+    assert await asyncio.gather(busy, staged, newest) == [0, 10, 30]
+    assert rec.batches == [[0], [1], [3]]  # no decode thrown away, no backlog beyond one queued frame
     await batcher.close()
 
 

@@ -244,9 +244,13 @@ async def test_unchanged_screen_reuses_the_verdict_without_the_model(server, hal
 
 async def test_latest_frame_wins_over_the_socket(server, hall, classifier):
     classifier.delay_s = 0.3
-    client = await server()
+    # Batches of 2: while the model is busy and the next batch waits, a lone queued frame stays queued.
+    client = await server(max_batch=2, max_wait_ms=0.0)
     alice = await connect_student(client, hall["a"], hall["exam"])
+    bob = await connect_student(client, hall["b"], hall["exam"])
     await send_frame(alice, 0, screen("green", seed=0))  # taken by the (slow) model
+    await asyncio.sleep(0.1)
+    await send_frame(bob, 0, screen("green", seed=5))  # decoded, waiting for the model
     await asyncio.sleep(0.1)
     await send_frame(alice, 1, screen("red", seed=1))  # queued ...
     await send_frame(alice, 2, screen("blue", seed=2))  # ... and replaced by this one
@@ -257,7 +261,9 @@ async def test_latest_frame_wins_over_the_socket(server, hall, classifier):
     assert answers[0]["type"] == "verdict"
     assert answers[1] == {"type": "error", "code": "replaced", "seq": 1, "message": answers[1]["message"]}
     assert answers[2]["type"] == "verdict" and answers[2]["program"] == "Terminal"
+    assert (await answer_for(bob, 0))["type"] == "verdict"
     await alice.close()
+    await bob.close()
 
 
 async def next_of_types(ws, kinds):

@@ -6,7 +6,9 @@ executors, so the batching rules are tested fast and exactly.
 Rules:
 - bounded queue, at most one pending frame per key (session): a newer frame replaces the
   queued one (latest frame wins) and the older frame's future fails with Replaced; a frame
-  already decoded and waiting for the model is dropped the same way when a newer one is queued;
+  already decoded and waiting for the model is classified (dropping it would waste its decode
+  and its place in the batch: under overload that halved the batches), so a session has at
+  most one frame queued, one decoded and one in the model;
 - a batch closes at max_batch frames, or max_wait after its first frame; while the model is
   still busy with the previous batch the next one keeps filling, so batches grow under load;
 - decode of the next batch overlaps inference of the current one;
@@ -214,11 +216,6 @@ class DynamicBatcher(Generic[T, P, R]):
         while True:
             batch = await self._stage.get()
             self._stage_taken.set()
-            for entry in batch:
-                # A newer frame of the same session arrived while this one waited for the model:
-                # classifying the stale screen would only delay the fresh one.
-                if entry.key in self._pending:
-                    _fail(entry, Replaced("a newer frame of this session replaced it"))
             self._in_flight.difference_update(entry for entry in batch if entry.future.done())
             batch = [entry for entry in batch if not entry.future.done()]
             if not batch:
