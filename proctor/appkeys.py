@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -22,4 +22,3 @@ STORE_KEY: "web.AppKey[Store]" = web.AppKey("store")
 WRITER_KEY: "web.AppKey[WriteBehind]" = web.AppKey("writer")
 CLASSIFIER_KEY: "web.AppKey[Classifier]" = web.AppKey("classifier")
 HUB_KEY: "web.AppKey[Hub]" = web.AppKey("hub")
-EXTRA_KEY: "web.AppKey[dict[str, Any]]" = web.AppKey("extra")

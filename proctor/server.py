@@ -23,8 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from proctor import config as config_module
 from proctor import protocol
-from proctor.appkeys import (CLASSIFIER_KEY, CONFIG_KEY, EXTRA_KEY, HUB_KEY, METRICS_KEY, STORE_KEY,
-                             WRITER_KEY)
+from proctor.appkeys import CLASSIFIER_KEY, CONFIG_KEY, HUB_KEY, METRICS_KEY, STORE_KEY, WRITER_KEY
 from proctor.batching import decode
 from proctor.batching.batcher import DynamicBatcher
 from proctor.config import Config
@@ -60,7 +59,6 @@ def create_app(config: Config, *, store: Any = None, classifier: Classifier | No
     app = web.Application(client_max_size=4 * 1024 * 1024, middlewares=[forwarded_middleware, ws_error_middleware])
     app[CONFIG_KEY] = config
     app[METRICS_KEY] = Metrics(registry)
-    app[EXTRA_KEY] = {}
     app[READY_KEY] = {"classifier": False}
     app[HEADS_LOCK_KEY] = asyncio.Lock()
     app[AUTH_KEY] = authenticator if authenticator is not None else _default_authenticator()
