@@ -36,7 +36,6 @@ from proctor.batching.batcher import DynamicBatcher  # noqa: E402
 from proctor.config import Config  # noqa: E402
 from proctor.models.engine import Engine  # noqa: E402
 from proctor.models.heads import make_head  # noqa: E402
-from proctor.models.interface import HeadInfo  # noqa: E402
 from proctor.whitelist import Policy, judge  # noqa: E402
 
 

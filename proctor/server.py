@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import functools
 import hmac
-import importlib
 import json
 import logging
 import ssl
@@ -74,27 +73,18 @@ def create_app(config: Config, *, store: Any = None, classifier: Classifier | No
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz_handler)
     app.router.add_get("/readyz", readyz_handler)
-    # The pages and JSON API (proctor.web) register their own routes and middlewares.
-    web_setup = getattr(_optional_module("proctor.web"), "setup", None)
-    if web_setup is not None:
-        web_setup(app)
+    # The pages and JSON API register their own routes and middlewares. Imported here, not at the
+    # top: proctor.web's modules import this one for the WebSocket helpers.
+    from proctor import web as web_app
+
+    web_app.setup(app)
     return app
 
 
-def _optional_module(name: str) -> Any:
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name != name:
-            raise
-        return None
-
-
 def _default_authenticator() -> Authenticator:
-    auth = _optional_module("proctor.web.auth")
-    if auth is None:
-        raise RuntimeError("proctor.web.auth is missing: pass an authenticator to create_app")
-    return auth  # the module's functions implement the protocol
+    from proctor.web import auth
+
+    return auth  # type: ignore[return-value]  # the module's functions implement the protocol
 
 
 @web.middleware

@@ -6,8 +6,6 @@ import argparse
 import asyncio
 import csv
 import datetime as dt
-import importlib
-import inspect
 import io
 import logging
 import os
@@ -15,7 +13,7 @@ import re
 import sys
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 from proctor import config as config_module
 from proctor.cli import CommandError
@@ -26,7 +24,6 @@ from proctor.storage.base import ROLES, Conflict, InvalidData, NotFound, Store, 
 
 logger = logging.getLogger(__name__)
 
-_DEMO_HEADS_MODULE = "proctor.models.demo"
 _AGE = re.compile(r"^(\d+)([hdw])$")
 _AGE_UNITS = {"h": "hours", "d": "days", "w": "weeks"}
 _ROSTER_COLUMNS = ("username", "full_name", "role")
@@ -162,19 +159,10 @@ async def _init(args: argparse.Namespace) -> int:
 
 
 async def register_demo_heads(store: Store) -> None:
-    """Let the model code add its demo heads at init, when it ships them (proctor.models.demo).
+    """Add the demo heads the package ships to an empty store (idempotent: init runs on every `make run`)."""
+    from proctor.models.demo import register_demo_heads as add_demo_heads  # torch: only when init runs
 
-    `register_demo_heads(store)` there (sync or async) must be idempotent: init runs on every `make run`.
-    """
-    try:
-        module = importlib.import_module(_DEMO_HEADS_MODULE)
-    except ModuleNotFoundError as exc:
-        if exc.name != _DEMO_HEADS_MODULE:
-            raise
-        return
-    result: Any = module.register_demo_heads(store)
-    if inspect.isawaitable(result):
-        await result
+    await add_demo_heads(store)
 
 
 # users -----------------------------------------------------------------------------------------------
