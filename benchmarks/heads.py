@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,23 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.machine import describe as describe_machine  # noqa: E402
 from proctor.models.backbone import load_backbone  # noqa: E402
 from proctor.models.demo import demo_head_files  # noqa: E402
 from proctor.models.heads import HeadStack, read_head_file  # noqa: E402
 from proctor.models.training import FeatureCache, read_images, evaluate, features, list_images  # noqa: E402
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
-            "cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 
 def main() -> int:
@@ -112,7 +98,7 @@ def main() -> int:
               "input": f"{backbone.spec.preprocessing.width}x{backbone.spec.preprocessing.height}",
               "feature_seconds": round(feature_s, 2), "heads": per_head, "whitelist": whitelist,
               "min_balanced_accuracy": min((h.get("balanced_accuracy", 0.0) for h in per_head.values()), default=0.0),
-              "machine": machine()}
+              "machine": describe_machine(torch=torch.__version__, torch_threads=torch.get_num_threads())}
     text = json.dumps(result, indent=2)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

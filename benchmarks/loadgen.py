@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import platform
 import random
 import resource
 import secrets
@@ -42,6 +41,7 @@ _REPO = Path(__file__).resolve().parent.parent
 if str(_REPO) not in sys.path:  # run as a script from anywhere: proctor.protocol is the wire format
     sys.path.insert(0, str(_REPO))
 
+from benchmarks.machine import describe as describe_machine  # noqa: E402
 from proctor.protocol import E_REPLACED, pack_frame  # noqa: E402
 
 # Bounds: a typo must not turn the load generator into a flood or a run that never ends.
@@ -837,23 +837,6 @@ class Student:
             # config updates, heartbeats and answers to unknown seqs need nothing
 
 
-def machine_description() -> dict[str, Any]:
-    """Where the figures were measured (written into the results JSON)."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem_gb = None
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_gb = round(int(line.split()[1]) / 2**20, 1)
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": mem_gb, "os": platform.platform(),
-            "python": platform.python_version()}
-
-
 def _ensure_file_limit(sockets: int) -> None:
     """Each student holds a socket; raise the soft open-files limit when the default (often 1024) is short."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -1087,7 +1070,7 @@ async def run(opts: Options) -> dict[str, Any]:
         await probe.close()
         await asyncio.gather(*(s.api.close() for s in students))
     report = {**report, "images": source, "frame_kb_median": round(sizes[len(sizes) // 2] / 1024, 1),
-              "machine": machine_description(), "server_url": opts.url,
+              "machine": describe_machine(), "server_url": opts.url,
               "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if opts.json_path is not None:
         opts.json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,26 +29,13 @@ import torchvision
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import describe as describe_machine  # noqa: E402
 from proctor.batching import decode  # noqa: E402
 from proctor.batching.batcher import DynamicBatcher  # noqa: E402
 from proctor.config import Config  # noqa: E402
 from proctor.models.engine import Engine  # noqa: E402
 from proctor.models.heads import make_head  # noqa: E402
 from proctor.whitelist import Policy, judge  # noqa: E402
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version(),
-            "torch": torch.__version__, "platform": platform.platform()}
 
 
 def load_frames(images: Path | None, count: int) -> tuple[list[bytes], str]:
@@ -191,7 +176,8 @@ def main() -> int:
         "naive_fps": round(naive_fps, 3), "speedup_vs_naive": round(pipeline_fps / naive_fps, 2),
         "pipeline_vs_backbone": round(pipeline_fps / by_runtime[engine.runtime], 3),
         "backbone_fps_by_runtime": {k: round(v, 2) for k, v in by_runtime.items()},
-        "machine": machine(),
+        "machine": describe_machine(torch=torch.__version__,
+                                    gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None),
     }
     print(json.dumps(result, indent=2))
     if args.json:
