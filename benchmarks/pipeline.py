@@ -2,7 +2,9 @@
 """Throughput of the frame path, in one process and one run (a script, not a test).
 
 Measures, on the same frames:
-  backbone_fps  the shared backbone alone on pre-decoded frames at --batch (every runtime it can run);
+  backbone_fps  the shared backbone alone on pre-decoded frames at --batch: the best of the server's
+                layout (one single-threaded batch per core at once) and one batch at a time on every
+                core (and, for comparison, every other runtime it can run);
   pipeline_fps  the whole path: JPEG decode (thread pool) + dynamic batcher + backbone + all heads
                 as one matmul + whitelist verdict per frame;
   naive_fps     how one-model-per-program servers work: decode, then one full eager-PyTorch
@@ -17,6 +19,7 @@ import argparse
 import asyncio
 import json
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -77,18 +80,28 @@ def make_heads(engine: Engine, count: int) -> None:
 
 
 def time_backbone(engine: Engine, frames: list[np.ndarray], batch: int, seconds: float) -> float:
+    """Frames/s of the backbone alone, with engine.workers threads each running batches back to back."""
     engine.features(frames[:batch], batch_size=batch)  # warm-up (runtime build, allocator)
-    done, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        engine.features(frames[:batch], batch_size=batch)
-        done += batch
-    return done / (time.perf_counter() - started)
+    done = [0] * engine.workers
+    started = time.perf_counter()
+
+    def work(worker: int) -> None:
+        while time.perf_counter() - started < seconds:
+            engine.features(frames[:batch], batch_size=batch)
+            done[worker] += batch
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(engine.workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(done) / (time.perf_counter() - started)
 
 
 async def time_pipeline(engine: Engine, jpegs: list[bytes], batch: int, total: int, decode_threads: int) -> float:
     policy = Policy(frozenset({"program0", "program1"}))
     decode_pool = ThreadPoolExecutor(decode_threads)
-    infer_pool = ThreadPoolExecutor(1)
+    infer_pool = ThreadPoolExecutor(engine.workers)
     size = engine.frame_size
 
     def infer(frames):
@@ -97,7 +110,8 @@ async def time_pipeline(engine: Engine, jpegs: list[bytes], batch: int, total: i
 
     batcher = DynamicBatcher(prepare=lambda jpeg: decode.decode_rgb(jpeg, size), infer=infer,
                              decode_executor=decode_pool, infer_executor=infer_pool, max_batch=batch,
-                             max_wait_s=0.01, max_queue=total + 1, decode_chunks=decode_threads)
+                             max_wait_s=0.01, max_queue=total + 1, decode_chunks=decode_threads,
+                             infer_workers=engine.workers)
     batcher.start()
     # Warm-up batch, then the timed run: every frame from its own session, all offered at once,
     # so the batcher runs full batches and decode of one overlaps inference of the previous.
@@ -155,8 +169,15 @@ def main() -> int:
         decoded += decoded
     print(f"engine: {engine.describe()}", flush=True)
 
-    by_runtime = {engine.runtime: time_backbone(engine, decoded, args.batch, args.seconds)}
-    print(f"backbone {engine.runtime}: {by_runtime[engine.runtime]:.1f} frames/s", flush=True)
+    # The server's layout, and one batch at a time on all cores: the baseline is the better of the two.
+    by_layout = {f"{engine.workers}x{engine.threads}": time_backbone(engine, decoded, args.batch, args.seconds)}
+    if engine.workers > 1:
+        single = Engine.from_config(config.replace(inference_workers=1))
+        by_layout[f"1x{single.threads}"] = time_backbone(single, decoded, args.batch, args.seconds)
+        del single
+    for layout, fps in by_layout.items():
+        print(f"backbone {engine.runtime}, {layout} (batches at once x threads each): {fps:.1f} frames/s", flush=True)
+    by_runtime = {engine.runtime: max(by_layout.values())}
     other_runtimes = ["torch"] if engine.runtime == "onnx" else []
     for runtime in other_runtimes:
         other = Engine.from_config(config, runtime=runtime)
@@ -176,6 +197,8 @@ def main() -> int:
         "naive_fps": round(naive_fps, 3), "speedup_vs_naive": round(pipeline_fps / naive_fps, 2),
         "pipeline_vs_backbone": round(pipeline_fps / by_runtime[engine.runtime], 3),
         "backbone_fps_by_runtime": {k: round(v, 2) for k, v in by_runtime.items()},
+        "backbone_fps_by_layout": {k: round(v, 2) for k, v in by_layout.items()},
+        "server_layout": f"{engine.workers}x{engine.threads}",
         "machine": describe_machine(torch=torch.__version__,
                                     gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None),
     }

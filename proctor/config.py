@@ -42,6 +42,9 @@ class Config:
     # Mean absolute difference (0..255) of 32x18 grey thumbnails under which a screen counts as unchanged.
     change_threshold: float = 2.0
     decode_threads: int = 2
+    # Batches in the model at once. 0 (auto): one per CPU core with ONNX Runtime, each single-threaded;
+    # 1 on CUDA (or with eager torch on the CPU).
+    inference_workers: int = 0
     # "cpu": libjpeg-turbo in the decode threads; "gpu": nvJPEG batch decode on the CUDA device,
     # which frees the CPU cores for many streams (needs device cuda).
     decode_device: str = "cpu"
@@ -101,6 +104,7 @@ def _validate(c: Config) -> None:
     need(not (c.decode_device == "gpu" and c.device == "cpu"), "decode_device", c.decode_device,
          "gpu decoding needs --device cuda or auto")
     need(1 <= c.decode_threads <= 64, "decode_threads", c.decode_threads, "must be 1..64")
+    need(0 <= c.inference_workers <= 64, "inference_workers", c.inference_workers, "must be 0 (auto) or 1..64")
     need((c.tls_cert is None) == (c.tls_key is None), "tls_cert/tls_key", (c.tls_cert, c.tls_key),
          "give both or neither")
     for path_name in ("tls_cert", "tls_key"):

@@ -185,8 +185,9 @@ async def _pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     metrics = app[METRICS_KEY]
     classifier = app[CLASSIFIER_KEY]
     decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
-    # One inference thread: the model is the serial resource; batching, not threads, gives throughput.
-    infer_pool = ThreadPoolExecutor(1, thread_name_prefix="inference")
+    # One thread per batch the engine runs at once (on the CPU one per core, each single-threaded).
+    workers = classifier.workers
+    infer_pool = ThreadPoolExecutor(workers, thread_name_prefix="inference")
 
     def prepare(jpeg: bytes):
         return decode.decode_rgb(jpeg, classifier.frame_size)
@@ -224,7 +225,7 @@ async def _pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     batcher = DynamicBatcher(prepare=prepare_step, infer=infer_step, decode_executor=decode_pool,
                              infer_executor=infer_pool, max_batch=config.max_batch,
                              max_wait_s=config.max_wait_s, max_queue=config.queue_size,
-                             decode_chunks=config.decode_threads, metrics=metrics)
+                             decode_chunks=config.decode_threads, infer_workers=workers, metrics=metrics)
     batcher.start()
     store = app[STORE_KEY]
     writer = app[WRITER_KEY]

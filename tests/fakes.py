@@ -26,6 +26,7 @@ class FakeClassifier:
         self.delay_s = delay_s
         self.backbone_calls = 0
         self.batch_sizes: list[int] = []
+        self.workers = 1
         self._lock = threading.Lock()
 
     @property

@@ -189,6 +189,40 @@ async def test_batches_grow_while_the_model_is_busy(pools):
     await batcher.close()
 
 
+async def test_infer_workers_run_batches_at_the_same_time():
+    inside, release = threading.Semaphore(0), threading.Event()
+    batches = []
+
+    def infer(items):
+        batches.append(list(items))
+        inside.release()
+        release.wait(5)  # each batch stays in the model until both are in
+        return [item * 10 for item in items]
+
+    decode, infer_pool = ThreadPoolExecutor(2), ThreadPoolExecutor(2)
+    batcher = DynamicBatcher(prepare=lambda x: x, infer=infer, decode_executor=decode, infer_executor=infer_pool,
+                             max_batch=2, max_wait_s=0.0, max_queue=10, infer_workers=2)
+    batcher.start()
+    futures = [batcher.submit(f"s{i}", i) for i in range(4)]
+    loop = asyncio.get_running_loop()
+    # Two batches entered the model while neither could finish: with one worker the second never would.
+    entered = [await loop.run_in_executor(None, inside.acquire, True, 2.0) for _ in range(2)]
+    release.set()
+    assert entered == [True, True]
+    assert await asyncio.gather(*futures) == [0, 10, 20, 30]
+    assert sorted(x for b in batches for x in b) == [0, 1, 2, 3] and len(batches) == 2
+    await batcher.close()
+    decode.shutdown(wait=True)
+    infer_pool.shutdown(wait=True)
+
+
+async def test_bad_worker_count_is_refused(pools):
+    decode, infer = pools
+    with pytest.raises(ValueError, match="infer_workers"):
+        DynamicBatcher(prepare=lambda x: x, infer=lambda x: x, decode_executor=decode, infer_executor=infer,
+                       max_batch=2, max_wait_s=0.0, max_queue=10, infer_workers=0)
+
+
 async def test_close_fails_waiting_frames_and_refuses_new_ones(pools):
     rec = Recorder()
     rec.gate.clear()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import threading
 import time
 
@@ -14,6 +16,7 @@ from proctor.models import backbone as bb
 from proctor.models.engine import Engine, EngineError
 from proctor.models.heads import make_head
 from proctor.models.interface import Preprocessing
+from proctor.models.onnx_export import onnx_path
 from proctor.models.keras_import import read_keras_model
 from keras_reference import flatten_dense_top, keras_forward, keras_weights, write_h5
 
@@ -64,6 +67,53 @@ def test_onnx_and_torch_runtimes_agree(onnx_engine, torch_engine, backbone):
     assert a.values.std() > 0.01  # the comparison means something: scores vary
 
 
+def test_preprocessing_inside_the_onnx_graph_matches_torch(backbone, tmp_path):
+    # Heads with other input sizes, scalings and channel orders than the frames: resized per group, then
+    # normalised inside the ONNX graph, they must score as the torch runtime does.
+    bgr = Preprocessing(width=48, height=27, scale=1.0, mean=(103.9, 116.8, 123.7), std=(1.0, 1.0, 1.0),
+                        channels="BGR")
+    keras = dataclasses.replace(bb.KERAS_PREPROCESSING, width=80, height=45)
+    heads = []
+    for i, p in enumerate((backbone.spec.preprocessing, bgr, keras)):
+        spec = dataclasses.replace(backbone.spec, preprocessing=p)
+        heads += _heads(spec, 2, seed=i, prefix=f"g{i}-")
+    onnx = Engine(bb.BackboneLibrary([backbone]), device="cpu", runtime="onnx", cache_dir=tmp_path)
+    eager = Engine(bb.BackboneLibrary([backbone]), device="cpu", runtime="torch")
+    for engine in (onnx, eager):
+        engine.set_heads(heads, strict=True)
+    assert len(onnx.describe()["groups"]) == 3
+    frames = _frames(4, seed=5, size=(96, 54)) + _frames(1, seed=6, size=(50, 40))
+    a, b = onnx.classify(frames), eager.classify(frames)
+    np.testing.assert_allclose(a.values, b.values, atol=1e-4)
+    assert a.values.std() > 0.01
+
+
+def test_workers_classify_batches_at_the_same_time(backbone, tmp_path):
+    engine = Engine(bb.BackboneLibrary([backbone]), device="cpu", runtime="onnx", cache_dir=tmp_path, workers=2)
+    assert (engine.workers, engine.threads) == (2, max(1, (os.cpu_count() or 1) // 2))
+    engine.set_heads(_heads(backbone.spec, 3))
+    batches = [_frames(5, seed=s) for s in range(6)]
+    expected = [engine.classify(frames).values for frames in batches]
+    before = engine.backbone_calls
+    results = [None] * len(batches)
+
+    def work(i):
+        results[i] = engine.classify(batches[i]).values
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(batches))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for got, want in zip(results, expected):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    assert engine.backbone_calls - before == len(batches)
+    # Eager torch shares one process-wide thread pool: one batch at a time whatever is asked.
+    assert Engine(bb.BackboneLibrary([backbone]), device="cpu", runtime="torch", workers=4).workers == 1
+    with pytest.raises(EngineError, match="workers"):
+        Engine(bb.BackboneLibrary([backbone]), device="cpu", runtime="onnx", workers=0)
+
+
 def test_every_head_kind_scores_as_it_does_alone(onnx_engine, backbone):
     rng = np.random.default_rng(7)
     mlp = make_head("mlp", "M", "mlp", {"hidden.weight": rng.standard_normal((16, 1280)) * 0.05,
@@ -94,7 +144,8 @@ def test_backbone_runs_once_per_batch_whatever_the_number_of_heads(onnx_engine, 
 def test_onnx_graph_is_cached_by_hash_and_size(onnx_engine, onnx_cache, backbone):
     onnx_engine.set_heads(_heads(backbone.spec, 1))
     files = list(onnx_cache.glob("*.onnx"))
-    assert [f.name for f in files] == [f"backbone-{backbone.weights_hash}-64x36-avg.onnx"]
+    assert [f.name for f in files] == [onnx_path(onnx_cache, backbone, backbone.spec.preprocessing, "avg").name]
+    assert files[0].name.startswith(f"backbone-{backbone.weights_hash}-64x36-avg-")
     stamp = files[0].stat().st_mtime_ns
     Engine(bb.BackboneLibrary([backbone]), device="cpu", runtime="onnx", cache_dir=onnx_cache).set_heads(
         _heads(backbone.spec, 1))

@@ -9,9 +9,10 @@ Rules:
   already decoded and waiting for the model is classified (dropping it would waste its decode
   and its place in the batch: under overload that halved the batches), so a session has at
   most one frame queued, one decoded and one in the model;
-- a batch closes at max_batch frames, or max_wait after its first frame; while the model is
-  still busy with the previous batch the next one keeps filling, so batches grow under load;
-- decode of the next batch overlaps inference of the current one;
+- a batch closes at max_batch frames, or max_wait after its first frame; while every worker is
+  still busy with a batch the next one keeps filling, so batches grow under load;
+- decode of the next batch overlaps inference of the current one; with `infer_workers` > 1 that
+  many batches are in the model at once (the CPU engine runs one single-threaded batch per core);
 - every future handed out is resolved or failed exactly once; frames whose future was
   cancelled (session gone) are skipped; outputs are checked against inputs in length, and an
   exception in place of a frame's result fails that frame alone.
@@ -64,10 +65,10 @@ class _Entry:
 class DynamicBatcher(Generic[T, P, R]):
     def __init__(self, *, prepare: Callable[[T], P], infer: Callable[[list[P]], Sequence[R]],
                  decode_executor: Executor, infer_executor: Executor, max_batch: int,
-                 max_wait_s: float, max_queue: int, decode_chunks: int = 2,
+                 max_wait_s: float, max_queue: int, decode_chunks: int = 2, infer_workers: int = 1,
                  metrics: Metrics | None = None) -> None:
-        if max_batch < 1 or max_queue < 1 or max_wait_s < 0:
-            raise ValueError("max_batch and max_queue must be >= 1 and max_wait_s >= 0")
+        if max_batch < 1 or max_queue < 1 or max_wait_s < 0 or infer_workers < 1:
+            raise ValueError("max_batch, max_queue and infer_workers must be >= 1 and max_wait_s >= 0")
         self._prepare = prepare
         self._infer = infer
         self._decode_executor = decode_executor
@@ -76,6 +77,8 @@ class DynamicBatcher(Generic[T, P, R]):
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self._decode_chunks = max(1, decode_chunks)
+        # Batches in the model at once; infer_executor needs at least this many threads.
+        self.infer_workers = infer_workers
         self._metrics = metrics
         # Insertion-ordered: replacing a key's frame keeps its place, so no session jumps the line.
         self._pending: dict[Hashable, _Entry] = {}
@@ -93,8 +96,9 @@ class DynamicBatcher(Generic[T, P, R]):
         return len(self._pending)
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._collect_loop(), name="batcher-collect"),
-                       asyncio.create_task(self._infer_loop(), name="batcher-infer")]
+        self._tasks = [asyncio.create_task(self._collect_loop(), name="batcher-collect")]
+        self._tasks += [asyncio.create_task(self._infer_loop(), name=f"batcher-infer-{i}")
+                        for i in range(self.infer_workers)]
 
     async def close(self) -> None:
         """Stop, fail every frame still waiting with BatcherClosed, and await the loops."""

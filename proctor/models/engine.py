@@ -5,6 +5,13 @@ whole batch and then all its heads as one stacked matrix product (heads.HeadStac
 immutable snapshot swapped by a single reference assignment, so a batch always sees one consistent set
 while heads are added or removed. Runtimes: ONNX Runtime on the CPU (fastest there), PyTorch on CUDA
 (inference mode, channels_last, pinned memory, fp16 autocast), and PyTorch on the CPU for comparison.
+
+Runners take the decoded frames as a uint8 NHWC batch and do their preprocessing themselves (inside
+the ONNX graph on the CPU). On the CPU the engine is built for `workers` concurrent classify() calls,
+each running ONNX Runtime on `threads` cores (by default one call per core, each single-threaded):
+a model split over 2 threads waits at every layer for the slower thread, and on a server whose decode
+threads and event loop share those cores one of them is often late; two single-threaded calls on two
+batches never wait for each other.
 """
 
 from __future__ import annotations
@@ -23,8 +30,8 @@ import torch
 import torchvision
 
 from proctor.models.backbone import (
-    Backbone, BackboneError, BackboneLibrary, BackboneSpec, check_frames, feature_dim, frames_to_tensor, random_backbone,
-    resize, to_input,
+    Backbone, BackboneError, BackboneLibrary, BackboneSpec, check_frames, feature_dim, frames_to_batch, random_backbone,
+    resize_frames, to_input,
 )
 from proctor.models.heads import Head, HeadError, HeadStack, load_heads
 from proctor.models.interface import HeadInfo, Preprocessing, Scores
@@ -40,6 +47,7 @@ class EngineError(ValueError):
 
 
 GroupKey = tuple[str, Preprocessing, str]  # (backbone hash, preprocessing, pooling)
+# A runner maps a uint8 NHWC batch at its group's input size to pooled features [N, F].
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -65,24 +73,30 @@ class _OnnxRunner:
         self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         self.input_name = INPUT_NAME
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        array = np.ascontiguousarray(batch.numpy(), dtype=np.float32)
+    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
+        # Session.run is thread-safe: concurrent calls (one per inference worker) share the weights.
+        array = np.ascontiguousarray(frames.numpy())
         return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
 
 
 class _TorchRunner:
     """A backbone + pooling as an eager torch module; on CUDA channels_last with autocast."""
 
-    def __init__(self, backbone: Backbone, pooling: str, device: torch.device, precision: str):
+    def __init__(self, backbone: Backbone, preprocessing: Preprocessing, pooling: str, device: torch.device,
+                 precision: str):
         self.device = device
+        self.preprocessing = preprocessing
         self.module = copy.deepcopy(backbone.pooled(pooling)).to(device).eval()
         self.cuda = device.type == "cuda"
         if self.cuda:
             self.module = self.module.to(memory_format=torch.channels_last)
         self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision) if self.cuda else None
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
+            # uint8 crosses to the device (4x less than float), then converts there.
+            batch = to_input(frames.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float(),
+                             self.preprocessing)
             if self.cuda:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             if self.dtype is not None:
@@ -129,7 +143,8 @@ class Engine:
     """Implements proctor.models.interface.Classifier; `classify` is called from one inference thread."""
 
     def __init__(self, library: BackboneLibrary, device: str = "auto", runtime: str = "auto",
-                 cache_dir: str | os.PathLike | None = None, threads: int | None = None, precision: str = "fp16"):
+                 cache_dir: str | os.PathLike | None = None, threads: int | None = None, precision: str = "fp16",
+                 workers: int = 1):
         if runtime not in RUNTIMES:
             raise EngineError(f"runtime={runtime!r}: expected one of {', '.join(RUNTIMES)}")
         if precision not in PRECISIONS:
@@ -143,20 +158,30 @@ class Engine:
         self.runtime = runtime
         self.precision = precision
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.threads = threads or os.cpu_count() or 1
+        if workers < 1:
+            raise EngineError(f"workers={workers!r}: must be >= 1")
+        # Concurrent classify() calls the server may make; more than one only pays on the CPU with ONNX
+        # Runtime (eager torch shares one global thread pool, and a GPU runs one batch at a time anyway).
+        self.workers = workers if runtime == "onnx" else 1
+        # ONNX Runtime threads per call: by default the cores shared out among the workers.
+        self.threads = threads or max(1, (os.cpu_count() or 1) // self.workers)
+        self._calls_lock = threading.Lock()
         self._runners: dict[GroupKey, Runner] = {}
         self._feature_runners: dict[GroupKey, Runner] = {}  # for features(), kept apart from the head groups
         self._lock = threading.Lock()  # serialises set_heads; classify never waits on it
         self._backbone_calls = 0
         default = library.default.spec.preprocessing
         self._state = _State((), (), (), (default.width, default.height))
-        logger.info("model engine on %s with %s, default backbone %s", self.device, runtime, library.default)
+        logger.info("model engine on %s with %s (%d worker(s) x %d thread(s)), default backbone %s", self.device,
+                    runtime, self.workers, self.threads, library.default)
 
     @classmethod
     def from_config(cls, config: Any, runtime: str = "auto") -> "Engine":
-        """The server's engine: Config.backbone_weights, Config.device, caches under <data_dir>/cache."""
+        """The server's engine: Config.backbone_weights, device, inference_workers; caches under <data_dir>/cache."""
         library = BackboneLibrary.from_config(config)
-        return cls(library, device=config.device, runtime=runtime, cache_dir=Path(config.data_dir) / "cache")
+        workers = config.inference_workers or (os.cpu_count() or 1)  # 0: one per core (the CPU only)
+        return cls(library, device=config.device, runtime=runtime, cache_dir=Path(config.data_dir) / "cache",
+                   workers=workers)
 
     @classmethod
     def random(cls, seed: int = 0, width: int = 64, height: int = 36, runtime: str = "torch",
@@ -198,8 +223,7 @@ class Engine:
         if not state.groups:
             check_frames(frames)  # bad input is refused the same way with or without heads
             return Scores(state.infos, np.zeros((len(frames), 0), np.float32))
-        batch = frames_to_tensor(frames, state.frame_size, self.device, pin=self.device.type == "cuda")
-        return self._score(batch, state)
+        return self._score(self._to_device(frames_to_batch(frames, state.frame_size)), state)
 
     def classify_jpegs(self, jpegs: Sequence[bytes]) -> Scores:
         """Decode a batch of JPEGs on this engine's device (nvJPEG on CUDA), then score them like classify().
@@ -217,7 +241,7 @@ class Engine:
             warnings.simplefilter("ignore", DeprecationWarning)
             images = torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=self.device)
         width, height = state.frame_size
-        batch = torch.cat([resize(image.unsqueeze(0).float(), width, height) for image in images])
+        batch = torch.cat([resize_frames(image.permute(1, 2, 0).unsqueeze(0), width, height) for image in images])
         return self._score(batch, state)
 
     def _score(self, batch: torch.Tensor, state: "_State") -> Scores:
@@ -226,8 +250,9 @@ class Engine:
             return Scores(state.infos, np.zeros((count, 0), np.float32))
         values = torch.empty((count, len(state.infos)), dtype=torch.float32, device=self.device)
         for group in state.groups:
-            features = group.runner(to_input(batch, group.preprocessing))
-            self._backbone_calls += 1
+            features = group.runner(resize_frames(batch, group.preprocessing.width, group.preprocessing.height))
+            with self._calls_lock:  # workers may score batches at the same time
+                self._backbone_calls += 1
             values[:, group.columns] = group.stack.apply(features.to(self.device))
         out = values.cpu().numpy()
         if len(out) != count:
@@ -316,9 +341,9 @@ class Engine:
         if self.runtime == "onnx":
             runner: Runner = _OnnxRunner(backbone, preprocessing, pooling, self.cache_dir, self.threads)
         else:
-            runner = _TorchRunner(backbone, pooling, self.device, self.precision)
+            runner = _TorchRunner(backbone, preprocessing, pooling, self.device, self.precision)
         # One pass now, so the first students' frames do not pay for lazy allocation and kernel set-up.
-        runner(torch.zeros((1, 3, preprocessing.height, preprocessing.width), device=self.device))
+        runner(torch.zeros((1, preprocessing.height, preprocessing.width, 3), dtype=torch.uint8))
         return runner
 
     # --- features for training ---------------------------------------------------------------------------------
@@ -335,11 +360,17 @@ class Engine:
         size = (spec.preprocessing.width, spec.preprocessing.height)
         out = []
         for start in range(0, len(frames), batch_size):
-            batch = frames_to_tensor(frames[start:start + batch_size], size, self.device)
-            out.append(runner(to_input(batch, spec.preprocessing)).float().cpu().numpy())
+            batch = self._to_device(frames_to_batch(frames[start:start + batch_size], size))
+            out.append(runner(batch).float().cpu().numpy())
         if not out:
             return np.zeros((0, feature_dim(spec.preprocessing, spec.pooling)), np.float32)
         return np.concatenate(out)
+
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """The uint8 batch on the engine's device: through pinned memory, without blocking, on CUDA."""
+        if self.device.type != "cuda":
+            return batch
+        return batch.pin_memory().to(self.device, non_blocking=True)
 
     def device_memory_bytes(self) -> int | None:
         """GPU memory the engine's tensors hold now (CUDA only; None on the CPU)."""
@@ -350,7 +381,8 @@ class Engine:
     def describe(self) -> dict[str, Any]:
         """What runs where, for logs and health pages."""
         state = self._state
-        return {"device": str(self.device), "runtime": self.runtime, "frame_size": list(state.frame_size),
+        return {"device": str(self.device), "runtime": self.runtime, "workers": self.workers,
+                "threads": self.threads, "frame_size": list(state.frame_size),
                 "backbone": self.backbone.weights_hash, "heads": len(state.heads),
                 "groups": [{"backbone": g.key[0][:12], "input": f"{g.preprocessing.width}x{g.preprocessing.height}",
                             "pooling": g.key[2], "heads": len(g.stack.heads)} for g in state.groups]}

@@ -58,5 +58,9 @@ class Classifier(Protocol):
     def heads(self) -> tuple[HeadInfo, ...]:
         """The heads loaded now."""
 
+    @property
+    def workers(self) -> int:
+        """How many classify() calls may run at once (from as many threads)."""
+
     def classify(self, frames: Sequence[np.ndarray]) -> Scores:
         """Blocking: one backbone pass per backbone group for the whole batch, then every head at once."""
