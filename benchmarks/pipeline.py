@@ -5,7 +5,7 @@ Measures, on the same frames:
   backbone_fps  the shared backbone alone on pre-decoded frames at --batch: the best of the server's
                 layout (one single-threaded batch per core at once) and one batch at a time on every
                 core (and, for comparison, every other runtime it can run);
-  pipeline_fps  the whole path: JPEG decode (thread pool) + dynamic batcher + backbone + all heads
+  pipeline_fps  the whole path: JPEG decode + change-detection thumbnail (thread pool) + dynamic batcher + backbone + all heads
                 as one matmul + whitelist verdict per frame;
   naive_fps     how one-model-per-program servers work: decode, then one full eager-PyTorch
                 MobileNetV2 classifier per allowed program, per frame, at batch size 1.
@@ -108,16 +108,22 @@ async def time_pipeline(engine: Engine, jpegs: list[bytes], batch: int, total: i
         scores = engine.classify(frames)
         return [judge(scores.row(i), scores.heads, policy) for i in range(len(frames))]
 
-    batcher = DynamicBatcher(prepare=lambda jpeg: decode.decode_rgb(jpeg, size), infer=infer,
-                             decode_executor=decode_pool, infer_executor=infer_pool, max_batch=batch,
-                             max_wait_s=0.01, max_queue=total + 1, decode_chunks=decode_threads,
-                             infer_workers=engine.workers)
+    batcher = DynamicBatcher(prepare=None, infer=infer, decode_executor=decode_pool, infer_executor=infer_pool,
+                             max_batch=batch, max_wait_s=0.01, max_queue=total + 1, infer_workers=engine.workers)
     batcher.start()
+    loop = asyncio.get_running_loop()
+
+    async def frame(key, jpeg: bytes):
+        # As a session does: one decode in the thread pool gives the change-detection thumbnail and
+        # the pixels it then submits.
+        pixels, _thumb = await loop.run_in_executor(decode_pool, decode.decode_with_thumbnail, jpeg, size)
+        return await batcher.submit(key, pixels)
+
     # Warm-up batch, then the timed run: every frame from its own session, all offered at once,
-    # so the batcher runs full batches and decode of one overlaps inference of the previous.
-    await asyncio.gather(*(batcher.submit(("warm", i), jpegs[i % len(jpegs)]) for i in range(batch)))
+    # so the batcher runs full batches and decode of the next overlaps inference.
+    await asyncio.gather(*(frame(("warm", i), jpegs[i % len(jpegs)]) for i in range(batch)))
     started = time.perf_counter()
-    verdicts = await asyncio.gather(*(batcher.submit(i, jpegs[i % len(jpegs)]) for i in range(total)))
+    verdicts = await asyncio.gather(*(frame(i, jpegs[i % len(jpegs)]) for i in range(total)))
     elapsed = time.perf_counter() - started
     await batcher.close()
     decode_pool.shutdown()

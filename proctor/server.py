@@ -189,7 +189,7 @@ async def _pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     workers = classifier.workers
     infer_pool = ThreadPoolExecutor(workers, thread_name_prefix="inference")
 
-    def prepare(jpeg: bytes):
+    def decode_on_cpu(jpeg: bytes):
         return decode.decode_rgb(jpeg, classifier.frame_size)
 
     def rows(scores) -> list:
@@ -207,7 +207,7 @@ async def _pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
             frames, results = [], []
             for jpeg in jpegs:
                 try:
-                    frames.append(prepare(jpeg))
+                    frames.append(decode_on_cpu(jpeg))
                     results.append(None)
                 except decode.DecodeError as exc:
                     results.append(exc)
@@ -218,11 +218,11 @@ async def _pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
         if getattr(classifier, "device", None) is None or classifier.device.type != "cuda":
             raise RuntimeError("decode_device=gpu needs the model on a CUDA device; none is in use")
         logger.info("JPEG frames are decoded on %s in batches", classifier.device)
-        prepare_step, infer_step = (lambda jpeg: jpeg), infer_jpegs
+        infer_step = infer_jpegs
     else:
-        prepare_step, infer_step = prepare, infer
+        infer_step = infer  # sessions submit the pixels they decoded for change detection
 
-    batcher = DynamicBatcher(prepare=prepare_step, infer=infer_step, decode_executor=decode_pool,
+    batcher = DynamicBatcher(prepare=None, infer=infer_step, decode_executor=decode_pool,
                              infer_executor=infer_pool, max_batch=config.max_batch,
                              max_wait_s=config.max_wait_s, max_queue=config.queue_size,
                              decode_chunks=config.decode_threads, infer_workers=workers, metrics=metrics)

@@ -216,6 +216,20 @@ async def test_infer_workers_run_batches_at_the_same_time():
     infer_pool.shutdown(wait=True)
 
 
+async def test_items_ready_for_the_model_skip_the_decode_threads(pools):
+    _, infer = pools
+    unused = ThreadPoolExecutor(1)
+    unused.shutdown()  # submitting to it would raise
+    batches = []
+    batcher = DynamicBatcher(prepare=None, infer=lambda items: batches.append(items) or [i * 10 for i in items],
+                             decode_executor=unused, infer_executor=infer, max_batch=4, max_wait_s=0.01,
+                             max_queue=10)
+    batcher.start()
+    assert await asyncio.gather(*(batcher.submit(f"s{i}", i) for i in range(3))) == [0, 10, 20]
+    assert batches == [[0, 1, 2]]
+    await batcher.close()
+
+
 async def test_bad_worker_count_is_refused(pools):
     decode, infer = pools
     with pytest.raises(ValueError, match="infer_workers"):

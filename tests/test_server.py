@@ -221,6 +221,23 @@ async def test_frames_of_many_students_share_one_backbone_call(server, hall, sto
         await ws.close()
 
 
+async def test_a_changed_frame_is_decoded_once(server, hall, classifier, monkeypatch):
+    decodes, thumbnails = [], []
+    real_decode = decode.decode_rgb
+    monkeypatch.setattr(decode, "decode_rgb", lambda jpeg, size: decodes.append(size) or real_decode(jpeg, size))
+    monkeypatch.setattr(decode, "thumbnail", lambda jpeg: thumbnails.append(1))
+    client = await server()
+    alice = await connect_student(client, hall["a"], hall["exam"])
+    await send_frame(alice, 0, screen("green"))
+    first = await answer_for(alice, 0)
+    await send_frame(alice, 1, screen("red", seed=1))
+    second = await answer_for(alice, 1)
+    assert first["type"] == second["type"] == "verdict" and not first["cached"] and not second["cached"]
+    # One decode per frame, at the model's size, serves change detection and the model.
+    assert decodes == [classifier.frame_size] * 2 and thumbnails == []
+    await alice.close()
+
+
 async def test_unchanged_screen_reuses_the_verdict_without_the_model(server, hall, classifier):
     client = await server()
     alice = await connect_student(client, hall["a"], hall["exam"])

@@ -1,7 +1,8 @@
 """DynamicBatcher: stacks frames of many sessions into one model batch.
 
 No torch here: `prepare` (decode) and `infer` (the model) are plain callables run in
-executors, so the batching rules are tested fast and exactly.
+executors, so the batching rules are tested fast and exactly. `prepare` may be None when items
+arrive ready for the model (the server decodes each frame once, on arrival, for change detection).
 
 Rules:
 - bounded queue, at most one pending frame per key (session): a newer frame replaces the
@@ -63,7 +64,7 @@ class _Entry:
 
 
 class DynamicBatcher(Generic[T, P, R]):
-    def __init__(self, *, prepare: Callable[[T], P], infer: Callable[[list[P]], Sequence[R]],
+    def __init__(self, *, prepare: Callable[[T], P] | None, infer: Callable[[list[P]], Sequence[R]],
                  decode_executor: Executor, infer_executor: Executor, max_batch: int,
                  max_wait_s: float, max_queue: int, decode_chunks: int = 2, infer_workers: int = 1,
                  metrics: Metrics | None = None) -> None:
@@ -193,6 +194,10 @@ class DynamicBatcher(Generic[T, P, R]):
             entry.started_at = now
             if self._metrics is not None:
                 self._metrics.queue_wait_seconds.observe(now - entry.enqueued_at)
+        if self._prepare is None:  # ready as submitted: no hop through the decode threads
+            for entry in batch:
+                entry.prepared = entry.item
+            return
         size = -(-len(batch) // self._decode_chunks)
         chunks = [batch[i:i + size] for i in range(0, len(batch), size)]
         await asyncio.gather(*(loop.run_in_executor(self._decode_executor, self._decode_chunk, chunk)
