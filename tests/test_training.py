@@ -143,6 +143,21 @@ def test_threshold_keeps_positives_and_leaves_margin():
     assert 0.05 < training.pick_threshold(pos10, np.array([0.01]), 0.1) < 0.9
 
 
+def test_threshold_is_not_dragged_under_many_negatives_by_one_outlier_positive():
+    # 20 positives at target 0.01: no miss fits the rate, but one shot scoring like the other programs
+    # would put every negative above 0.02 over the threshold; it is left below instead.
+    pos = np.array([0.02] + [0.7 + 0.01 * i for i in range(19)])
+    neg = np.linspace(0.03, 0.4, 30)
+    t = training.pick_threshold(pos, neg, 0.01, 0.25)
+    assert 0.4 < t < 0.7
+    assert training.evaluate(np.concatenate([pos, neg]), np.array([1] * 20 + [0] * 30), t)["fp"] == 0
+    # Leaving it out would keep out 1 of 51 negatives (2 %) but lose 1 of 20 positives (5 %): it passes.
+    t = training.pick_threshold(pos, np.array([0.01] * 50 + [0.3]), 0.01, 0.25)
+    assert t <= 0.02
+    # Without negatives in the way the lowest positive passes too.
+    assert training.pick_threshold(np.array([0.3, 0.9, 0.95]), np.array([0.01, 0.1]), 0.01) <= 0.3
+
+
 def test_not_an_image_names_the_file(tiny, tmp_path):
     folder = tmp_path / "pos"
     folder.mkdir()

@@ -26,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--program", default=None, help="the program's display name (default: NAME)")
     p.add_argument("--mlp", action="store_true", help="a small MLP head instead of logistic regression")
     p.add_argument("--target-far", type=float, default=0.01,
-                   help="false-alarm rate the threshold is picked for on out-of-fold scores (default 0.01)")
+                   help="false-alarm rate the threshold is picked for on out-of-fold scores (default 0.01; "
+                        "with fewer than 1/rate positives one outlier may be left below it, see README)")
     p.add_argument("--no-augment", action="store_true", help="train on the screenshots as they are")
     p.add_argument("--seed", type=int, default=0, help="seed of the cross-validation folds and augmentation")
     p.add_argument("--backbone-weights", default=None,

@@ -13,7 +13,9 @@ The threshold is picked for a target false-alarm rate (the fraction of the progr
 would score below it; in the whitelist, such a frame raises an alert although the program is allowed)
 on out-of-fold scores: stratified, seeded k-fold cross-validation scores every image with a head that
 did not see it, so the threshold rests on all the screenshots instead of a small validation share; the
-head itself is then fitted on all of them.
+head itself is then fitted on all of them. With fewer than 1/target_far positives (no miss fits the
+rate), the lowest positive may stay below the threshold when that keeps out a larger share of the
+negatives than the share of positives it loses: one odd shot must not open the head to other programs.
 """
 
 from __future__ import annotations
@@ -376,16 +378,33 @@ def pick_threshold(pos: np.ndarray, neg: np.ndarray, target_far: float, position
 
     Among thresholds that keep the false-alarm rate within target, the one `position` of the way (in
     logit space) from the highest negative under the lowest positive allowed to pass toward that
-    positive: both kinds of error get room on unseen frames.
+    positive: both kinds of error get room on unseen frames. With fewer than 1/target_far positives
+    no miss fits the rate, yet one frame cannot show a rate that small either; there the lowest positive
+    may stay below the threshold when that keeps out a larger share of the negatives than the share of
+    positives it loses (a lone outlier shot must not drag the threshold under many other programs' frames).
     """
     pos = np.sort(pos)
     allowed_misses = int(math.floor(target_far * len(pos) + 1e-9))
-    low_pos = float(pos[allowed_misses])
+    t = _threshold_passing(pos, neg, allowed_misses, position)
+    if allowed_misses == 0 and len(pos) >= 2 and neg.size:
+        spared = _threshold_passing(pos, neg, 1, position)
+        if _balanced_accuracy(pos, neg, spared) > _balanced_accuracy(pos, neg, t):
+            t = spared
+    return t
+
+
+def _threshold_passing(pos: np.ndarray, neg: np.ndarray, misses: int, position: float) -> float:
+    """The threshold `position` of the way from the highest negative under sorted pos[misses] up to it."""
+    low_pos = float(pos[misses])
     below = neg[neg < low_pos]
     high_neg = float(below.max()) if below.size else min(low_pos / 2, 1e-3)
     t = 1 / (1 + math.exp(-(_logit(high_neg) + position * (_logit(low_pos) - _logit(high_neg)))))
     # A head threshold lies strictly inside (0, 1), and never above the lowest positive it must pass.
     return float(min(max(t, 1e-6), 1 - 1e-6, low_pos))
+
+
+def _balanced_accuracy(pos: np.ndarray, neg: np.ndarray, threshold: float) -> float:
+    return float(((pos >= threshold).mean() + (neg < threshold).mean()) / 2)
 
 
 def evaluate(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, Any]:
