@@ -260,15 +260,16 @@ async def test_unchanged_screen_reuses_the_verdict_without_the_model(server, hal
 
 
 async def test_latest_frame_wins_over_the_socket(server, hall, classifier):
-    classifier.delay_s = 0.3
+    classifier.delay_s = 0.6  # the window in which alice's next two frames must arrive
     # Batches of 2: while the model is busy and the next batch waits, a lone queued frame stays queued.
     client = await server(max_batch=2, max_wait_ms=0.0)
     alice = await connect_student(client, hall["a"], hall["exam"])
     bob = await connect_student(client, hall["b"], hall["exam"])
+    batcher = client.server.app[BATCHER_KEY]
     await send_frame(alice, 0, screen("green", seed=0))  # taken by the (slow) model
-    await asyncio.sleep(0.1)
-    await send_frame(bob, 0, screen("green", seed=5))  # decoded, waiting for the model
-    await asyncio.sleep(0.1)
+    await until(lambda: batcher.taken == 1)
+    await send_frame(bob, 0, screen("green", seed=5))  # staged, waiting for the model
+    await until(lambda: batcher.taken == 2)
     await send_frame(alice, 1, screen("red", seed=1))  # queued ...
     await send_frame(alice, 2, screen("blue", seed=2))  # ... and replaced by this one
     answers = {}
@@ -281,6 +282,15 @@ async def test_latest_frame_wins_over_the_socket(server, hall, classifier):
     assert (await answer_for(bob, 0))["type"] == "verdict"
     await alice.close()
     await bob.close()
+
+
+async def until(condition, timeout_s: float = 5.0) -> None:
+    """Wait for a condition of the server's state instead of guessing a delay (slow CI machines)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
 
 
 async def next_of_types(ws, kinds):

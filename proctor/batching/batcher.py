@@ -96,6 +96,11 @@ class DynamicBatcher(Generic[T, P, R]):
     def depth(self) -> int:
         return len(self._pending)
 
+    @property
+    def taken(self) -> int:
+        """Frames taken from the queue and not answered yet (being prepared, staged or in the model)."""
+        return len(self._in_flight)
+
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._collect_loop(), name="batcher-collect")]
         self._tasks += [asyncio.create_task(self._infer_loop(), name=f"batcher-infer-{i}")
