@@ -293,6 +293,9 @@ async def _notifications_ctx(app: web.Application) -> AsyncIterator[None]:
                 await reload_heads(app)
             elif channel == "exam" and payload.get("state") == "ended":
                 await hub.end_exam(int(payload["id"]), protocol.CLOSE_EXAM_ENDED, "the exam has ended")
+            elif channel == "user" and payload.get("active") is False:
+                await hub.close_user(int(payload["id"]), protocol.CLOSE_ACCOUNT_DEACTIVATED,
+                                     "your account was deactivated")
             elif payload.get("node") == hub.node_id:
                 return  # our own alert/presence: already fanned out locally
             elif channel == "alert":

@@ -245,6 +245,11 @@ class Hub:
         """Close every student stream of the exam, all at once: each close waits for its client's reply."""
         await asyncio.gather(*(session.close(code, reason) for session in self.streams(exam_id)))
 
+    async def close_user(self, user_id: int, code: int, reason: str) -> None:
+        """Close every stream of one student on this node, in every exam (the account was deactivated)."""
+        sessions = [room.streams[user_id] for room in list(self._rooms.values()) if user_id in room.streams]
+        await asyncio.gather(*(session.close(code, reason) for session in sessions))
+
     async def end_exam(self, exam_id: int, code: int, reason: str) -> None:
         """The exam has ended: close its streams; its room is forgotten once its last socket has gone."""
         self.room(exam_id).ended = True

@@ -129,11 +129,35 @@ async def test_ending_the_exam_closes_student_streams(client, hall):
         token = (await resp.json())["csrf_token"]
         resp = await other.post(base + f"/api/exams/{hall.id}/end", headers={"X-CSRF-Token": token})
         assert resp.status == 200, await resp.text()
+    assert await close_code(ws) == 4000
+    await ws.close()
+
+
+async def close_code(ws):
+    """The close code the server sends, skipping the messages before it."""
     msg = await ws.receive(timeout=5)
     while msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):  # verdicts, heartbeats
         msg = await ws.receive(timeout=5)
-    assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 4000, msg
+    assert msg.type == aiohttp.WSMsgType.CLOSE, msg
+    return msg.data
+
+
+async def test_deactivating_a_student_closes_their_open_stream(client, hall, store):
+    await store.create_user("admin-1", "Admin", "admin", hash_password(PASSWORD))
+    student = await store.get_user_by_name("stud-in")
+    await login(client, "stud-in")
+    ws = await client.ws_connect(f"/ws/exams/{hall.id}/stream", headers={"Origin": origin(client)})
+    assert (await ws.receive_json(timeout=5))["type"] == "config"
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as other:
+        base = origin(client)
+        resp = await other.post(base + "/api/login", json={"username": "admin-1", "password": PASSWORD})
+        token = (await resp.json())["csrf_token"]
+        resp = await other.post(base + f"/api/users/{student.id}/deactivate", headers={"X-CSRF-Token": token})
+        assert resp.status == 200, await resp.text()
+    # The account was deactivated while streaming: the stream ends now, not at the next reconnect.
+    assert await close_code(ws) == 4003
     await ws.close()
+    assert await ws_status(client, f"/ws/exams/{hall.id}/stream", {"Origin": origin(client)}) in (401, 403)
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")

@@ -143,7 +143,7 @@ class PurgeReport:
 
 
 # Cross-node notifications: small payloads (ids), the data is read from the tables.
-# channel is one of "alert", "alert_closed", "presence", "heads", "exam" (validate.CHANNELS); the store
+# channel is one of "alert", "alert_closed", "presence", "heads", "exam", "user" (validate.CHANNELS); the store
 # adds "node" (its node_id) to every payload that has none, so a node can skip its own notifications.
 Listener = Callable[[str, dict[str, Any]], Awaitable[None]]
 

@@ -185,6 +185,8 @@ class SqlStore:
                                       _int("user id", user_id))
         if not changed:
             raise NotFound(f"no user with id {user_id}")
+        # Running servers close a deactivated account's open streams (also when deactivated from the CLI).
+        await self.publish("user", {"id": int(user_id), "active": bool(active)})
 
     async def set_password(self, user_id: int, password_hash: str) -> None:
         v.password_hash(password_hash)
@@ -525,8 +527,8 @@ class SqlStore:
 
     async def publish(self, channel: str, payload: dict[str, Any]) -> None:
         """Tell every node's subscribers (this one included); a payload without "node" gets this store's
-        node_id. Alerts, presence and exams are published by their callers after the write; head changes
-        by the store itself, so heads added from the command line reach running servers."""
+        node_id. Alerts, presence and exams are published by their callers after the write; head and user
+        (de)activations by the store itself, so changes made from the command line reach running servers."""
         v.channel(channel)
         text = v.to_json(f"{channel} notification", {"node": self.node_id, **payload})
         if len(text.encode()) > v.MAX_NOTIFY_BYTES:

@@ -16,7 +16,7 @@ from proctor.batching import decode
 from proctor.storage.base import EVENT_KINDS, REVIEW_STATES, ROLES, InvalidData
 
 ALERT_VERDICTS = ("unrecognised", "forbidden_program")
-CHANNELS = ("alert", "alert_closed", "presence", "heads", "exam")
+CHANNELS = ("alert", "alert_closed", "presence", "heads", "exam", "user")
 MAX_NOTIFY_BYTES = 1000  # PostgreSQL allows 8000; ids only, so a small cap catches misuse early.
 _USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 _HEAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
