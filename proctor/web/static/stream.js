@@ -9,6 +9,7 @@ const BACKOFF_MAX_MS = 30000;
 // Close codes after which reconnecting would be wrong (protocol.py).
 const CLOSE_EXAM_ENDED = 4000;
 const CLOSE_REPLACED = 4001;
+const CLOSE_ACCOUNT_DEACTIVATED = 4003;
 
 /** Refusal of a share that is not a whole screen; `message` explains it to the student. */
 export class NotWholeScreenError extends Error {
@@ -210,6 +211,13 @@ export class ScreenStreamer {
       this._closedForGood = true;
       this._teardownCapture();
       this._setState("error", "This exam was opened in another tab or on another computer; this page stopped sharing.");
+      return;
+    }
+    if (event.code === CLOSE_ACCOUNT_DEACTIVATED) {
+      // Reconnecting would only be refused: the account cannot log in any more.
+      this._closedForGood = true;
+      this._teardownCapture();
+      this._setState("error", "Your account was deactivated; this page stopped sharing. Ask your teacher.");
       return;
     }
     this._scheduleReconnect();
