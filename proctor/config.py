@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 _ENV_PREFIX = "PROCTOR_"
+# Any request body the server reads (aiohttp's client_max_size): uploads through the web stop here.
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
 
 class ConfigError(ValueError):
@@ -176,4 +178,4 @@ def parse(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Conf
     return from_sources(parser.parse_args(list(argv)), environ)
 
 
-__all__ = ["Config", "ConfigError", "add_arguments", "from_sources", "parse"]
+__all__ = ["Config", "ConfigError", "MAX_REQUEST_BYTES", "add_arguments", "from_sources", "parse"]

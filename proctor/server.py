@@ -25,7 +25,7 @@ from proctor import protocol
 from proctor.appkeys import CLASSIFIER_KEY, CONFIG_KEY, HUB_KEY, METRICS_KEY, STORE_KEY, WRITER_KEY
 from proctor.batching import decode
 from proctor.batching.batcher import DynamicBatcher
-from proctor.config import Config
+from proctor.config import MAX_REQUEST_BYTES, Config
 from proctor.metrics import Metrics
 from proctor.models.interface import Classifier
 from proctor.sessions import Hub, Outbox, StreamContext, StreamSession, alert_message, alert_thumbnail
@@ -55,7 +55,7 @@ def create_app(config: Config, *, store: Any = None, classifier: Classifier | No
                authenticator: Authenticator | None = None,
                registry: CollectorRegistry | None = None) -> web.Application:
     """Build the application. Tests pass a store, a fake classifier or authenticator; the server builds its own."""
-    app = web.Application(client_max_size=4 * 1024 * 1024, middlewares=[forwarded_middleware, ws_error_middleware])
+    app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[forwarded_middleware, ws_error_middleware])
     app[CONFIG_KEY] = config
     app[METRICS_KEY] = Metrics(registry)
     app[READY_KEY] = {"classifier": False}

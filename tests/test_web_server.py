@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 import ssl
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from fakes import FakeClassifier
-from proctor.config import Config
+from proctor.config import MAX_REQUEST_BYTES, Config
 from proctor.passwords import hash_password
 from proctor.server import create_app
 from proctor.storage import open_store
@@ -211,3 +212,19 @@ async def test_forwarded_https_counts_only_from_a_trusted_proxy(aiohttp_client, 
                              {"Origin": f"https://{host}", "X-Forwarded-Proto": "https",
                               "Cookie": f"proctor_session={cookie}"})
     assert status == (101 if secure else 403)
+
+
+async def test_a_head_upload_over_the_request_limit_is_refused_with_the_way_out(client, store):
+    await store.create_user("admin-2", "Admin", "admin", hash_password(PASSWORD))
+    token = await login(client, "admin-2")
+    too_big = b"\0" * (MAX_REQUEST_BYTES + 1024)
+    resp = await client.post("/api/heads?filename=big.safetensors", data=io.BytesIO(too_big),
+                             headers={"X-CSRF-Token": token, "Content-Type": "application/octet-stream"})
+    assert resp.status == 413 and "proctor heads add" in (await resp.json())["error"]
+    # The admin page's form: refused before the CSRF field could even be read, with the same advice.
+    form = aiohttp.FormData()
+    form.add_field("csrf_token", token)
+    form.add_field("file", io.BytesIO(too_big), filename="big.safetensors", content_type="application/octet-stream")
+    resp = await client.post("/admin/heads", data=form)
+    assert resp.status == 413 and "proctor heads add" in await resp.text()
+    assert [h.name for h in await store.list_heads()] == ["editor"]

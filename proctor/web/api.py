@@ -257,13 +257,16 @@ async def api_heads(request: web.Request) -> web.Response:
 
 async def read_upload(request: web.Request) -> tuple[bytes, str]:
     """The uploaded file: the 'file' field of a multipart form, or the raw request body."""
-    if request.content_type == "multipart/form-data":
-        form = await request.post()
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise sv.bad("multipart upload needs a file in the field 'file'")
-        return upload.file.read(sv.MAX_HEAD_BYTES + 1), upload.filename or "head file"
-    return await request.read(), request.query.get("filename", "head file")
+    try:
+        if request.content_type == "multipart/form-data":
+            form = await request.post()
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise sv.bad("multipart upload needs a file in the field 'file'")
+            return upload.file.read(sv.MAX_HEAD_BYTES + 1), upload.filename or "head file"
+        return await request.read(), request.query.get("filename", "head file")
+    except web.HTTPRequestEntityTooLarge:
+        raise sv.WebError(413, sv.TOO_LARGE_UPLOAD) from None
 
 
 @routes.post("/api/heads")

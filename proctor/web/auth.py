@@ -26,6 +26,7 @@ from aiohttp import web
 from proctor.appkeys import CONFIG_KEY, STORE_KEY
 from proctor.config import ConfigError
 from proctor.storage.base import NotFound, User
+from proctor.web.services import TOO_LARGE_UPLOAD
 
 logger = logging.getLogger(__name__)
 
@@ -390,7 +391,11 @@ async def _check_unsafe_request(request: web.Request) -> None:
     # Forms: the token must come in the posted body.
     token = ""
     if request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
-        form = await request.post()
+        try:
+            form = await request.post()
+        except web.HTTPRequestEntityTooLarge:
+            raise web.HTTPRequestEntityTooLarge(max_size=request.client_max_size, actual_size=request.content_length,
+                                                text=TOO_LARGE_UPLOAD) from None
         value = form.get(CSRF_FIELD, "")
         token = value if isinstance(value, str) else ""
     if session is None or not token or not hmac.compare_digest(token.encode(), session.csrf.encode()):

@@ -15,6 +15,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+from proctor.config import MAX_REQUEST_BYTES
 from proctor.passwords import WeakPassword, check_strength, generate_password, hash_password
 from proctor.storage.base import (REVIEW_STATES, ROLES, Alert, Conflict, Exam, HeadRecord, InvalidData,
                                   NotFound, SessionEvent, Store, User)
@@ -28,6 +29,8 @@ JOIN_CODE_LENGTH = 8
 MAX_NAME = 200
 MAX_NOTE = 2000
 MAX_HEAD_BYTES = 64 * 1024 * 1024
+TOO_LARGE_UPLOAD = (f"upload over the {MAX_REQUEST_BYTES // (1024 * 1024)} MB limit of a web request; add a larger "
+                    f"head file on the server with `proctor heads add FILE`")
 TOP_SCORES = 5
 
 
