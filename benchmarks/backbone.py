@@ -54,7 +54,8 @@ def main() -> int:
     p = backbone.spec.preprocessing
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (p.height, p.width, 3), dtype=np.uint8) for _ in range(args.batch)]
-    batch = bb.to_input(bb.frames_to_tensor(frames), p)
+    # What a runner takes: the uint8 NHWC batch (each runtime does the preprocessing itself).
+    batch = bb.frames_to_batch(frames, (p.width, p.height))
     results = {"input": f"{p.width}x{p.height}", "batch": args.batch, "repeats": args.repeats,
                "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
