@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from types import SimpleNamespace
 
@@ -565,6 +566,29 @@ async def test_gpu_decoding_without_a_gpu_model_refuses_to_start(store, tmp_path
     with pytest.raises(RuntimeError, match="decode_device=gpu needs the model on a CUDA device"):
         await runner.setup()
     await runner.cleanup()
+
+async def test_alert_thumbnail_comes_from_the_decoded_frame(server, hall, classifier, monkeypatch):
+    # The frame that opens an alert went through the model: its pixels make the thumbnail, the
+    # evidence JPEG is not decoded a second time.
+    monkeypatch.setattr(decode, "evidence_thumbnail", lambda jpeg: pytest.fail("evidence decoded again"))
+    client = await server()
+    teacher = await client.ws_connect(f"/ws/exams/{hall['exam'].id}/live",
+                                      headers=ws_headers(client, hall["teacher"]))
+    assert (await teacher.receive_json(timeout=5))["type"] == "snapshot"
+    bob = await connect_student(client, hall["b"], hall["exam"])
+    other_red = np.zeros((720, 1280, 3), np.uint8)
+    other_red[:, :, 0] = 200
+    other_red[:, :640, 0] = 120  # a visibly different red screen: not "unchanged"
+    for seq, frame in enumerate((screen("red"), simplejpeg.encode_jpeg(other_red, colorspace="RGB"))):
+        await send_frame(bob, seq, frame)
+        answer = await answer_for(bob, seq)
+        assert answer["type"] == "verdict" and not answer["cached"]
+    thumbnail = (await next_of(teacher, "alert"))["alert"]["thumbnail"]
+    data = base64.b64decode(thumbnail.removeprefix("data:image/jpeg;base64,"))
+    assert decode.read_size(data) == classifier.frame_size
+    await bob.close()
+    await teacher.close()
+
 
 async def test_alert_thumbnail_of_evidence_that_does_not_decode_is_empty():
     from proctor.sessions import alert_thumbnail

@@ -108,6 +108,11 @@ def evidence_thumbnail(jpeg: bytes | memoryview, width: int = 320, quality: int 
                                         min_width=width, min_height=height)
     except (ValueError, RuntimeError) as exc:
         raise DecodeError(f"corrupt JPEG data: {exc}") from None
+    return thumbnail_jpeg(pixels, width, quality)
+
+
+def thumbnail_jpeg(pixels: np.ndarray, width: int = 320, quality: int = 70) -> bytes:
+    """The alert-list JPEG from RGB pixels already decoded (at most `width` wide, aspect kept)."""
     if pixels.shape[1] > width:
         scale = width / pixels.shape[1]
         pixels = np.asarray(Image.fromarray(pixels).resize(
