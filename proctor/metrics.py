@@ -32,7 +32,8 @@ class Metrics:
                                         registry=r)
         self.frames_classified = Counter("proctor_frames_classified", "Frames run through the model.",
                                          registry=r)
-        self.decode_seconds = Histogram("proctor_decode_seconds", "JPEG decode time per frame received (with its change-detection thumbnail).",
+        self.decode_seconds = Histogram("proctor_decode_seconds",
+                                        "JPEG decode time per frame received (with its change-detection thumbnail).",
                                         buckets=_DECODE_BUCKETS, registry=r)
         self.queue_wait_seconds = Histogram("proctor_queue_wait_seconds",
                                             "Time a frame waited in the batcher queue.",
