@@ -1,4 +1,5 @@
-"""Shared fixtures. PostgreSQL: one throw-away server per test session, a fresh database per test."""
+"""Shared fixtures. A migrated SQLite store per test (`store`, at `sqlite_url`); PostgreSQL: one throw-away
+server per test session, a fresh database per test."""
 
 from __future__ import annotations
 
@@ -12,6 +13,23 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
+from proctor.storage import open_store
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    """The database URL of the `store` fixture, for a Config that must name the same database."""
+    return f"sqlite:///{tmp_path}/test.db"
+
+
+@pytest.fixture
+async def store(sqlite_url):
+    """A migrated SQLite store; test files with other stores (test_storage's backends) define their own."""
+    s = await open_store(sqlite_url)
+    await s.migrate()
+    yield s
+    await s.close()
 
 
 def _postgres_bindir() -> Path | None:

@@ -35,14 +35,6 @@ def tiny(colour: str, seed: int) -> bytes:
 
 
 @pytest.fixture
-async def store(tmp_path):
-    s = await open_store(f"sqlite:///{tmp_path}/samples.db")
-    await s.migrate()
-    yield s
-    await s.close()
-
-
-@pytest.fixture
 async def users(store):
     pw = hash_password(PASSWORD)
     return {name: await store.create_user(name, name.title(), role, pw)
@@ -63,7 +55,7 @@ def screens_dir(tmp_path):
 
 @pytest.fixture
 async def client(aiohttp_client, tmp_path, store, users, engine, screens_dir):
-    config = Config(database_url=f"sqlite:///{tmp_path}/samples.db", data_dir=str(tmp_path))
+    config = Config(database_url=f"sqlite:///{tmp_path}/test.db", data_dir=str(tmp_path))
     app = create_app(config, store=store, classifier=engine)
     app[TRAINING_SETTINGS_KEY] = TrainingSettings(options=TrainOptions(copies=1), screens_dir=screens_dir)
     return await aiohttp_client(app)
@@ -273,7 +265,7 @@ async def test_one_job_at_a_time_and_shutdown_cancels_it(aiohttp_client, tmp_pat
     for i in range(10):
         await store.add_sample("redapp", tiny("red", i), "recorded")
         await store.add_sample("other", tiny("green", i + 20), "recorded")
-    config = Config(database_url=f"sqlite:///{tmp_path}/samples.db", data_dir=str(tmp_path))
+    config = Config(database_url=f"sqlite:///{tmp_path}/test.db", data_dir=str(tmp_path))
     app = create_app(config, store=store, classifier=engine)
     app[TRAINING_SETTINGS_KEY] = TrainingSettings(options=TrainOptions(copies=0), screens_dir=None)
     client = await aiohttp_client(app)
@@ -296,7 +288,7 @@ async def test_one_job_at_a_time_and_shutdown_cancels_it(aiohttp_client, tmp_pat
 async def test_training_needs_a_model_that_can_train(aiohttp_client, tmp_path, store, users):
     from fakes import FakeClassifier
 
-    config = Config(database_url=f"sqlite:///{tmp_path}/samples.db", data_dir=str(tmp_path))
+    config = Config(database_url=f"sqlite:///{tmp_path}/test.db", data_dir=str(tmp_path))
     client = await aiohttp_client(create_app(config, store=store, classifier=FakeClassifier()))
     csrf = await login(client, "teach-a")
     resp = await client.post("/api/samples/redapp/train", headers={"X-CSRF-Token": csrf})
@@ -425,7 +417,7 @@ async def browser_server(tmp_path, store, users, engine, alert):
     for i in range(10):
         await store.add_sample("redapp", tiny("red", i), "recorded")
         await store.add_sample("other", tiny("green", 40 + i), "recorded")
-    config = Config(database_url=f"sqlite:///{tmp_path}/samples.db", data_dir=str(tmp_path))
+    config = Config(database_url=f"sqlite:///{tmp_path}/test.db", data_dir=str(tmp_path))
     app = create_app(config, store=store, classifier=engine)
     app[TRAINING_SETTINGS_KEY] = TrainingSettings(options=TrainOptions(copies=0), screens_dir=None)
     runner = web.AppRunner(app)

@@ -19,15 +19,6 @@ from proctor.batching import decode
 from proctor.config import Config
 from proctor.passwords import hash_password
 from proctor.server import BATCHER_KEY, create_app
-from proctor.storage import open_store
-
-
-@pytest.fixture
-async def store(tmp_path):
-    s = await open_store(f"sqlite:///{tmp_path}/test.db")
-    await s.migrate()
-    yield s
-    await s.close()
 
 
 PASSWORD_HASH = hash_password("unused-in-these-tests")

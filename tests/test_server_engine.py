@@ -15,7 +15,6 @@ from proctor.models.engine import Engine
 from proctor.models.heads import head_to_record, make_head
 from proctor.passwords import hash_password
 from proctor.server import create_app
-from proctor.storage import open_store
 
 
 def colour_head(engine: Engine, name: str, program: str, positive: str, negative: str):
@@ -34,14 +33,6 @@ def engine():
     return Engine.random(seed=3, width=64, height=36, runtime="torch")
 
 
-@pytest.fixture
-async def store(tmp_path):
-    s = await open_store(f"sqlite:///{tmp_path}/engine.db")
-    await s.migrate()
-    yield s
-    await s.close()
-
-
 async def test_real_engine_classifies_streamed_frames_and_reloads_heads(store, engine, tmp_path, aiohttp_client):
     chat = colour_head(engine, "chat", "Chat web app", "red", "green")
     editor = colour_head(engine, "editor", "Code editor", "green", "red")
@@ -55,7 +46,7 @@ async def test_real_engine_classifies_streamed_frames_and_reloads_heads(store, e
     # Only the chat head is active at start; the editor head arrives while the server runs.
     await store.set_head_active("editor", False)
 
-    config = Config(database_url=f"sqlite:///{tmp_path}/engine.db", data_dir=str(tmp_path), client_fps=30.0,
+    config = Config(database_url=f"sqlite:///{tmp_path}/test.db", data_dir=str(tmp_path), client_fps=30.0,
                     max_wait_ms=5.0)
     client = await aiohttp_client(create_app(config, store=store, classifier=engine,
                                              authenticator=HeaderAuthenticator(store)))

@@ -16,20 +16,11 @@ from fakes import FakeClassifier
 from proctor.config import MAX_REQUEST_BYTES, Config
 from proctor.passwords import hash_password
 from proctor.server import create_app
-from proctor.storage import open_store
 from proctor.web.services import parse_head_file
 from test_web import head_file
 
 PASSWORD = "correct-horse-battery"
 MAKE_CERT = Path(__file__).resolve().parent.parent / "scripts" / "make-dev-cert"
-
-
-@pytest.fixture
-async def store(tmp_path):
-    s = await open_store(f"sqlite:///{tmp_path}/test.db")
-    await s.migrate()
-    yield s
-    await s.close()
 
 
 @pytest.fixture
