@@ -225,7 +225,7 @@ async def _pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     batcher = DynamicBatcher(prepare=None, infer=infer_step, decode_executor=decode_pool,
                              infer_executor=infer_pool, max_batch=config.max_batch,
                              max_wait_s=config.max_wait_s, max_queue=config.queue_size,
-                             decode_chunks=config.decode_threads, infer_workers=workers, metrics=metrics)
+                             infer_workers=workers, metrics=metrics)
     batcher.start()
     store = app[STORE_KEY]
     writer = app[WRITER_KEY]
