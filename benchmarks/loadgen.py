@@ -58,6 +58,8 @@ UNANSWERED = "unanswered"
 # The server counts a screen as unchanged under a mean grey difference of 2 (Config.change_threshold) on
 # tiny thumbnails; changed frames are kept well above it so the server really classifies them.
 MIN_CHANGE = 8.0
+# Sent frames kept for evidence_request, as the student page keeps them (stream.js EVIDENCE_KEEP).
+_EVIDENCE_KEEP = 3
 _THUMB = (32, 18)
 
 
@@ -193,19 +195,28 @@ def _encode(img: Any, quality: int) -> bytes:
     return simplejpeg.encode_jpeg(np.ascontiguousarray(np.asarray(img)), quality=quality, colorspace="RGB")
 
 
-def build_pool(screens: Sequence[Any], size: int, quality: int, seed: int,
-               min_change: float = MIN_CHANGE) -> list[bytes]:
-    """Pre-encoded JPEGs, each differing from every other one by at least `min_change` grey levels.
+@dataclasses.dataclass(frozen=True)
+class PoolFrame:
+    """One pre-encoded screen: the frame to classify, and the same screen wider for an evidence_request."""
+
+    jpeg: bytes
+    evidence: bytes | None  # None when the screen is no wider than the frame
+
+
+def build_pool(screens: Sequence[Any], size: int, quality: int, seed: int, min_change: float = MIN_CHANGE,
+               frame_width: int | None = None) -> list[PoolFrame]:
+    """Pre-encoded screens, each differing from every other one by at least `min_change` grey levels.
 
     Every screenshot is used as is, then perturbed (a window-sized block moved in) until the pool is full.
+    Frames are scaled to `frame_width` (like the browser's canvas); the unscaled screen is the evidence.
     Encoding happens once here so that sending a frame costs nothing but the socket write.
     """
-    from PIL import ImageDraw
+    from PIL import Image, ImageDraw
 
     if size < 2:
         raise LoadgenError(f"--pool {size} is too small: changed frames need at least 2 different images")
     rng = random.Random(seed)
-    pool: list[bytes] = []
+    pool: list[PoolFrame] = []
     thumbs: list[Any] = []
     attempts = 0
     while len(pool) < size and attempts < size * 4:
@@ -217,10 +228,13 @@ def build_pool(screens: Sequence[Any], size: int, quality: int, seed: int,
             x, y = rng.randrange(0, img.width - w), rng.randrange(0, img.height - h)
             ImageDraw.Draw(img).rectangle((x, y, x + w, y + h), fill=tuple(rng.randrange(0, 256) for _ in range(3)))
         attempts += 1
-        jpeg = _encode(img, quality)
+        small = img
+        if frame_width is not None and img.width > frame_width:
+            small = img.resize((frame_width, round(img.height * frame_width / img.width)), Image.LANCZOS)
+        jpeg = _encode(small, quality)
         thumb = _thumbnail(jpeg)
         if all(float(abs(thumb - t).mean()) >= min_change for t in thumbs):
-            pool.append(jpeg)
+            pool.append(PoolFrame(jpeg, _encode(img, quality) if small is not img else None))
             thumbs.append(thumb)
     if len(pool) < 2:
         raise LoadgenError(f"could not make 2 screens differing by {min_change} grey levels from "
@@ -266,6 +280,7 @@ class Options:
     images_given: bool
     pool: int
     max_width: int
+    evidence_max_width: int
     jpeg_quality: int
     admin_user: str | None
     admin_password: str | None
@@ -313,7 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default=None,
                    help=f"folder of screenshots, searched recursively (default {DEFAULT_IMAGES})")
     p.add_argument("--pool", type=int, default=48, help="distinct pre-encoded screens (default %(default)s)")
-    p.add_argument("--max-width", type=int, default=1280, help="frame width, like the browser (default %(default)s)")
+    p.add_argument("--max-width", type=int, default=1280,
+                   help="frame width, like the browser with the server's default (default %(default)s)")
+    p.add_argument("--evidence-max-width", type=int, default=1280,
+                   help="width of the copy sent when the server asks for an alert's evidence; the captured "
+                        "screenshots are at most 1280 wide (default %(default)s)")
     p.add_argument("--jpeg-quality", type=int, default=70, help="JPEG quality 1..100 (default %(default)s)")
     p.add_argument("--admin-user", default=os.environ.get("PROCTOR_LOADGEN_ADMIN_USER"))
     p.add_argument("--admin-password", default=os.environ.get("PROCTOR_LOADGEN_ADMIN_PASSWORD"))
@@ -377,6 +396,7 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
     need(math.isfinite(a.changed) and 0 <= a.changed <= 1, f"--changed {a.changed} must be 0..1")
     need(2 <= a.pool <= 1000, f"--pool {a.pool} must be 2..1000")
     need(160 <= a.max_width <= 7680, f"--max-width {a.max_width} must be 160..7680")
+    need(160 <= a.evidence_max_width <= 7680, f"--evidence-max-width {a.evidence_max_width} must be 160..7680")
     need(1 <= a.jpeg_quality <= 100, f"--jpeg-quality {a.jpeg_quality} must be 1..100")
     need(math.isfinite(a.slo_p99_ms) and a.slo_p99_ms > 0, f"--slo-p99-ms {a.slo_p99_ms} must be > 0")
     need(math.isfinite(a.drain_s) and 0 <= a.drain_s <= 600, f"--drain {a.drain_s} must be 0..600 seconds")
@@ -409,7 +429,8 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         plot = json_path.with_suffix(".png") if json_path is not None else Path("capacity.png")
     return Options(
         url=url, students=a.students, fps=a.fps, duration_s=a.duration_s, warmup_s=a.warmup_s, changed=a.changed, images=images,
-        images_given=a.images is not None, pool=a.pool, max_width=a.max_width, jpeg_quality=a.jpeg_quality,
+        images_given=a.images is not None, pool=a.pool, max_width=a.max_width,
+        evidence_max_width=a.evidence_max_width, jpeg_quality=a.jpeg_quality,
         admin_user=a.admin_user, admin_password=a.admin_password, credentials=credentials,
         save_credentials=Path(a.save_credentials) if a.save_credentials else None,
         metrics_token=a.metrics_token or None, json_path=json_path, find_capacity=a.find_capacity,
@@ -671,6 +692,7 @@ class Tally:
         self.sent = 0
         self.sent_changed = 0
         self.heartbeats = 0
+        self.evidence_sent = 0
         self.verdicts = 0
         self.cached = 0
         self.dropped: collections.Counter[str] = collections.Counter()
@@ -732,13 +754,15 @@ class Student:
         self.server_config = data
         return ws
 
-    async def stream(self, ws: Any, pool: Sequence[bytes], plan: FramePlan, first_at: float, period: float,
+    async def stream(self, ws: Any, pool: Sequence[PoolFrame], plan: FramePlan, first_at: float, period: float,
                      stop_at: float, drain_s: float, tally: Tally) -> None:
         """Send frames on schedule until `stop_at`, read verdicts, then wait for the outstanding ones."""
         loop = asyncio.get_running_loop()
         pending: dict[int, tuple[float, bool, bool]] = {}  # seq -> (sent at, changed, first frame)
+        # Like the browser, the last few frames stay at hand at full size for an evidence_request.
+        recent: collections.OrderedDict[int, PoolFrame] = collections.OrderedDict()
         done_sending = asyncio.Event()
-        reader = asyncio.ensure_future(self._read(ws, pending, done_sending, tally))
+        reader = asyncio.ensure_future(self._read(ws, pending, recent, done_sending, tally))
         beat = asyncio.ensure_future(self._heartbeat(ws, first_at, stop_at, tally))
         seq = 0
         try:
@@ -753,7 +777,10 @@ class Student:
                 pending[seq] = (loop.time(), changed, seq == 1)
                 tally.sent += 1
                 tally.sent_changed += changed
-                await ws.send_bytes(pack_frame(seq, time.time() * 1000.0, pool[index]))
+                recent[seq] = pool[index]
+                if len(recent) > _EVIDENCE_KEEP:
+                    recent.popitem(last=False)
+                await ws.send_bytes(pack_frame(seq, time.time() * 1000.0, pool[index].jpeg))
                 at += period
             if not reader.done():
                 await beat  # heartbeats go on until the end of the run, after the last frame
@@ -784,8 +811,8 @@ class Student:
             tally.heartbeats += 1
             at += period
 
-    async def _read(self, ws: Any, pending: dict[int, tuple[float, bool, bool]], done_sending: asyncio.Event,
-                    tally: Tally) -> None:
+    async def _read(self, ws: Any, pending: dict[int, tuple[float, bool, bool]], recent: dict[int, PoolFrame],
+                    done_sending: asyncio.Event, tally: Tally) -> None:
         """Match answers to frames until sending stopped and nothing is outstanding, or the socket closed."""
         import aiohttp
 
@@ -834,6 +861,9 @@ class Student:
                 tally.last_answer = loop.time()
             elif kind == "error":
                 tally.errors[str(data.get("code"))] += 1
+            elif kind == "evidence_request" and seq in recent and recent[seq].evidence is not None:
+                await ws.send_bytes(pack_frame(seq, time.time() * 1000.0, recent[seq].evidence, evidence=True))
+                tally.evidence_sent += 1
             # config updates, heartbeats and answers to unknown seqs need nothing
 
 
@@ -921,6 +951,7 @@ async def run_once(opts: Options, students: Sequence[Student], exam_id: int, poo
         "verdicts": tally.verdicts,
         "cached_verdicts": tally.cached,
         "heartbeats_sent": tally.heartbeats,
+        "evidence_sent": tally.evidence_sent,
         "dropped": dict(sorted((k, v) for k, v in tally.dropped.items() if v)),
         "errors": dict(sorted(tally.errors.items())),
         "processed_vs_backbone": (round(tally.verdicts / answered_window / opts.backbone_fps, 3)
@@ -947,7 +978,8 @@ def print_result(r: dict[str, Any], out: Any = sys.stdout) -> None:
         print(f"  first frame of each student (join burst, always classified): latency ms p50 {ms(join['p50'])} "
               f"p99 {ms(join['p99'])} max {ms(join['max'])}", file=out)
     print(f"  sent {r['frames_sent']}, verdicts {r['verdicts']} ({r['cached_verdicts']} cached), "
-          f"dropped {r['dropped'] or 0}, errors {r['errors'] or 0}", file=out)
+          f"dropped {r['dropped'] or 0}, errors {r['errors'] or 0}, evidence copies sent {r['evidence_sent']}",
+          file=out)
     if r.get("processed_vs_backbone") is not None:
         print(f"  processed = {r['processed_vs_backbone']:.2f} x the backbone-only rate of benchmarks/pipeline.py",
               file=out)
@@ -1026,12 +1058,13 @@ def plot_capacity(report: dict[str, Any], path: Path) -> None:
 
 async def run(opts: Options) -> dict[str, Any]:
     """The whole benchmark as one coroutine (tests call this): prepare, run (or search), write JSON."""
-    screens, source, synthetic = load_screens(opts.images, opts.pool, opts.max_width, opts.seed)
+    screens, source, synthetic = load_screens(opts.images, opts.pool, max(opts.max_width, opts.evidence_max_width),
+                                              opts.seed)
     if synthetic:
         print(f"loadgen: {source}", file=sys.stderr)
-    pool = build_pool(screens, opts.pool, opts.jpeg_quality, opts.seed)
+    pool = build_pool(screens, opts.pool, opts.jpeg_quality, opts.seed, frame_width=opts.max_width)
     del screens
-    sizes = sorted(len(j) for j in pool)
+    sizes = sorted(len(frame.jpeg) for frame in pool)
     logger.info("%s; %d distinct frames, median %.0f KB", source, len(pool), sizes[len(sizes) // 2] / 1024)
 
     if opts.credentials is not None:

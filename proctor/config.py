@@ -36,7 +36,11 @@ class Config:
     max_frame_bytes: int = 2_000_000
     max_frame_pixels: int = 3840 * 2160
     client_fps: float = 0.5
+    # Width of the frames students send to be classified (decoded by DCT scaling to the model's input).
+    # An alert asks the student's page for that frame again at up to evidence_max_width, so the teacher's
+    # evidence stays readable whatever the classification width.
     client_max_width: int = 1280
+    evidence_max_width: int = 1920
     client_jpeg_quality: float = 0.7
     # Episode rule: an alert opens after `alert_k` suspicious frames among the last `alert_n`.
     alert_k: int = 2
@@ -98,6 +102,7 @@ def _validate(c: Config) -> None:
          "must be 4096..100000000")
     need(0 < c.client_fps <= 30, "client_fps", c.client_fps, "must be > 0 and <= 30")
     need(160 <= c.client_max_width <= 7680, "client_max_width", c.client_max_width, "must be 160..7680")
+    need(160 <= c.evidence_max_width <= 7680, "evidence_max_width", c.evidence_max_width, "must be 160..7680")
     need(0.1 <= c.client_jpeg_quality <= 1.0, "client_jpeg_quality", c.client_jpeg_quality, "must be 0.1..1")
     need(1 <= c.alert_n <= 50, "alert_n", c.alert_n, "must be 1..50")
     need(1 <= c.alert_k <= c.alert_n, "alert_k", c.alert_k, f"must be 1..alert_n ({c.alert_n})")

@@ -2,15 +2,19 @@
 
 Student -> server
   binary: one frame = 16-byte header + JPEG bytes. Header, big-endian:
-          version (u8, = 1), 3 reserved bytes, sequence number (u32),
+          version (u8, = 1), flags (u8), 2 reserved bytes, sequence number (u32),
           capture time in ms on the client's clock (f64, echoed back for latency).
+          Flags: 0 = a frame to classify (at most config.max_width wide);
+          FLAG_EVIDENCE = the same captured frame `seq` again, at up to config.evidence_max_width,
+          sent only in answer to an evidence_request (it replaces the alert's small evidence).
   text:   JSON control messages with a "type":
           {"type": "hello", "screen": {"width": W, "height": H}, "displays": N,
            "extended": bool, "surface": "monitor"|"window"|"browser", "client": "..."}
           {"type": "heartbeat", "t": client_ms}
           {"type": "sharing", "state": "started"|"stopped"}
 Server -> student (JSON text)
-  {"type": "config", "fps": F, "max_width": W, "jpeg_quality": Q, "heartbeat_s": S}
+  {"type": "config", "fps": F, "max_width": W, "evidence_max_width": E, "jpeg_quality": Q, "heartbeat_s": S}
+  {"type": "evidence_request", "seq": N}  (an alert opened on frame N: send it again at full size)
   {"type": "verdict", "seq": N, "capture_ms": T, "status": "ok"|"suspicious"|"alert",
    "program": "VS Code"|null, "cached": bool}
   {"type": "error", "code": CODE, "message": "...", "seq": N (when about a frame)}
@@ -25,9 +29,11 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-HEADER = struct.Struct("!B3xId")
+HEADER = struct.Struct("!BB2xId")
 HEADER_SIZE = HEADER.size  # 16
 PROTOCOL_VERSION = 1
+# Header flags. Clients of the first protocol revision sent a zero byte here: their frames still classify.
+FLAG_EVIDENCE = 0x01
 MAX_TEXT_BYTES = 16 * 1024
 
 # Stable error codes sent in {"type": "error"}; clients and the load generator key on them.
@@ -41,6 +47,7 @@ E_REPLACED = "replaced"
 E_BAD_JSON = "bad_json"
 E_BAD_MESSAGE = "bad_message"
 E_NOT_SHARING_SCREEN = "not_whole_screen"
+E_UNEXPECTED_EVIDENCE = "unexpected_evidence"
 E_INTERNAL = "internal"
 
 # WebSocket close codes (RFC 6455 + application range 4000-4999).
@@ -67,23 +74,28 @@ class ProtocolError(ValueError):
 class FrameHeader:
     seq: int
     capture_ms: float
+    evidence: bool = False  # the full-size copy of frame `seq`, answering an evidence_request
 
 
-def pack_frame(seq: int, capture_ms: float, jpeg: bytes) -> bytes:
-    return HEADER.pack(PROTOCOL_VERSION, seq & 0xFFFFFFFF, capture_ms) + jpeg
+def pack_frame(seq: int, capture_ms: float, jpeg: bytes, evidence: bool = False) -> bytes:
+    flags = FLAG_EVIDENCE if evidence else 0
+    return HEADER.pack(PROTOCOL_VERSION, flags, seq & 0xFFFFFFFF, capture_ms) + jpeg
 
 
 def unpack_frame(data: bytes) -> tuple[FrameHeader, memoryview]:
     if len(data) < HEADER_SIZE:
         raise ProtocolError(E_BAD_HEADER, f"binary message of {len(data)} bytes is shorter than the "
                                           f"{HEADER_SIZE}-byte frame header")
-    version, seq, capture_ms = HEADER.unpack_from(data)
+    version, flags, seq, capture_ms = HEADER.unpack_from(data)
     if version != PROTOCOL_VERSION:
         raise ProtocolError(E_BAD_HEADER, f"frame header version {version} is not supported "
                                           f"(expected {PROTOCOL_VERSION})")
+    if flags & ~FLAG_EVIDENCE:
+        raise ProtocolError(E_BAD_HEADER, f"frame header flags 0x{flags:02x} are not supported "
+                                          f"(known: 0x{FLAG_EVIDENCE:02x} evidence)")
     if capture_ms != capture_ms:  # NaN
         capture_ms = 0.0
-    return FrameHeader(seq, capture_ms), memoryview(data)[HEADER_SIZE:]
+    return FrameHeader(seq, capture_ms, bool(flags & FLAG_EVIDENCE)), memoryview(data)[HEADER_SIZE:]
 
 
 _CONTROL_TYPES = ("hello", "heartbeat", "sharing")

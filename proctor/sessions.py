@@ -44,6 +44,8 @@ _CONTROL_RATE = 2.0
 _CONTROL_BURST = 10.0
 # No message for this long marks a student's stream stale.
 STALE_AFTER_S = 3 * HEARTBEAT_S
+# How long the full-size evidence of an alert's frame is awaited after asking the student's page for it.
+EVIDENCE_WAIT_S = 15.0
 
 PresenceState = str  # "live" | "stale" | "disconnected" | "not_sharing"
 
@@ -305,6 +307,16 @@ class _InFlight:
 
 
 @dataclass
+class _EvidenceWanted:
+    """An alert opened on frame `seq` (`width` pixels wide): its full-size copy is awaited until `deadline`."""
+
+    alert_id: str
+    seq: int
+    width: int
+    deadline: float
+
+
+@dataclass
 class _Decoded:
     """What change detection made of a frame: its thumbnail and, when the CPU decodes, the model's pixels."""
 
@@ -345,6 +357,7 @@ class StreamSession:
         # The frame being classified now, so a same-screen frame can wait for its verdict.
         self._inflight: _InFlight | None = None
         self._alert_id: str | None = None
+        self._evidence_wanted: _EvidenceWanted | None = None
         # Frames are numbered on arrival; thumbnails finish out of order on the decode threads, and
         # an older frame must never replace a newer one in the batcher.
         self._arrivals = 0
@@ -361,6 +374,7 @@ class StreamSession:
         ctx.hub.set_presence(self.exam.id, self.user, "live")
         self._outbox.send({"type": "config", "fps": ctx.config.client_fps,
                            "max_width": ctx.config.client_max_width,
+                           "evidence_max_width": ctx.config.evidence_max_width,
                            "jpeg_quality": ctx.config.client_jpeg_quality, "heartbeat_s": HEARTBEAT_S})
         try:
             async for message in self.ws:
@@ -459,6 +473,9 @@ class StreamSession:
                        f"frame of {len(jpeg_view)} bytes is over the limit of {config.max_frame_bytes}",
                        seq, strike=True)
             return
+        if header.evidence:
+            self._on_evidence(seq, bytes(jpeg_view))
+            return
         if not self._whole_screen:
             self._error(protocol.E_NOT_SHARING_SCREEN, "share your whole screen, not a window or tab", seq)
             return
@@ -467,20 +484,30 @@ class StreamSession:
                        f"sending faster than {config.client_fps} frames/s", seq)
             return
         jpeg = bytes(jpeg_view)
-        try:
-            decode.check_size(jpeg, config.max_frame_pixels)
-        except decode.TooManyPixels as exc:
-            self._drop("oversize", protocol.E_TOO_MANY_PIXELS, str(exc), seq, strike=True)
-            return
-        except decode.DecodeError as exc:
-            self._drop("bad_jpeg", protocol.E_BAD_JPEG, str(exc), seq, strike=True)
+        width = self._checked_width(jpeg, seq)
+        if width is None:
             return
         self._arrivals += 1
-        task = asyncio.create_task(self._classify(seq, header.capture_ms, jpeg, received_at, self._arrivals))
+        self._spawn(self._classify(seq, header.capture_ms, jpeg, width, received_at, self._arrivals))
+
+    def _checked_width(self, jpeg: bytes, seq: int) -> int | None:
+        """The JPEG's width after the header checks (decompression bomb, not a JPEG); None when refused."""
+        try:
+            width, _ = decode.check_size(jpeg, self.ctx.config.max_frame_pixels)
+        except decode.TooManyPixels as exc:
+            self._drop("oversize", protocol.E_TOO_MANY_PIXELS, str(exc), seq, strike=True)
+            return None
+        except decode.DecodeError as exc:
+            self._drop("bad_jpeg", protocol.E_BAD_JPEG, str(exc), seq, strike=True)
+            return None
+        return width
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _classify(self, seq: int, capture_ms: float, jpeg: bytes, received_at: float,
+    async def _classify(self, seq: int, capture_ms: float, jpeg: bytes, width: int, received_at: float,
                         arrival: int) -> None:
         ctx = self.ctx
         cached = False
@@ -514,7 +541,7 @@ class StreamSession:
             return
         change = self.tracker.update(verdict)
         if change == "opened":
-            await self._open_alert(verdict, jpeg, decoded.pixels if decoded is not None else None)
+            await self._open_alert(verdict, jpeg, seq, width, decoded.pixels if decoded is not None else None)
         elif change == "closed":
             self._close_alert()
         status = "alert" if self.tracker.is_open else ("ok" if verdict.ok else "suspicious")
@@ -592,7 +619,8 @@ class StreamSession:
 
     # alerts ----------------------------------------------------------------------------------
 
-    async def _open_alert(self, verdict: FrameVerdict, jpeg: bytes, pixels: np.ndarray | None = None) -> None:
+    async def _open_alert(self, verdict: FrameVerdict, jpeg: bytes, seq: int, width: int,
+                          pixels: np.ndarray | None = None) -> None:
         ctx = self.ctx
         kind = verdict.reason or "unrecognised"
         ctx.metrics.alerts.labels(kind).inc()
@@ -607,8 +635,39 @@ class StreamSession:
             await store.publish("alert", {"id": alert.id, "exam_id": alert.exam_id})
 
         ctx.write(write_alert, f"alert {alert.id}")
+        if width < ctx.config.evidence_max_width:
+            # The frame was classified small; the page still holds it at full size: ask for that copy.
+            self._evidence_wanted = _EvidenceWanted(alert.id, seq, width, self._loop.time() + EVIDENCE_WAIT_S)
+            self._outbox.send({"type": "evidence_request", "seq": seq})
         thumb = await alert_thumbnail(alert.evidence, ctx.decode_executor, pixels)
         ctx.hub.alert_opened(self.exam.id, self.user, alert_message(alert, self.user, thumb))
+
+    def _on_evidence(self, seq: int, jpeg: bytes) -> None:
+        """A full-size copy of an alert's frame, asked for by evidence_request: it becomes the alert's evidence."""
+        wanted = self._evidence_wanted
+        if wanted is None or wanted.seq != seq or self._loop.time() > wanted.deadline:
+            self._strike(protocol.E_UNEXPECTED_EVIDENCE, f"no evidence was asked for frame {seq} (or it came "
+                         f"more than {EVIDENCE_WAIT_S:g} s late)", seq)
+            return
+        width = self._checked_width(jpeg, seq)
+        if width is None:
+            return
+        if width < wanted.width:
+            self._strike(protocol.E_UNEXPECTED_EVIDENCE, f"evidence of {width} pixels wide is smaller than the "
+                         f"{wanted.width}-pixel frame it would replace", seq)
+            return
+        self._evidence_wanted = None
+        self._spawn(self._store_evidence(wanted.alert_id, seq, jpeg))
+
+    async def _store_evidence(self, alert_id: str, seq: int, jpeg: bytes) -> None:
+        try:
+            # Decoding at 1/8 scale reads every byte of the body: a corrupt one is refused, never stored.
+            await self._loop.run_in_executor(self.ctx.decode_executor, decode.thumbnail, jpeg)
+        except decode.DecodeError as exc:
+            self._drop("bad_jpeg", protocol.E_BAD_JPEG, f"evidence: {exc}", seq, strike=True)
+            return
+        store = self.ctx.store
+        self.ctx.write(lambda: store.set_alert_evidence(alert_id, jpeg), f"full-size evidence of alert {alert_id}")
 
     def _close_alert(self) -> None:
         alert_id, self._alert_id = self._alert_id, None

@@ -22,6 +22,7 @@ from proctor.appkeys import STORE_KEY
 from proctor.config import Config
 from proctor.metrics import Metrics
 from proctor.passwords import hash_password
+from proctor.batching.decode import read_size
 from proctor.protocol import E_OVERLOADED, E_REPLACED, unpack_frame
 from proctor.server import create_app
 from proctor.storage.base import HeadRecord, utcnow
@@ -127,10 +128,14 @@ def test_pool_frames_differ_enough_for_the_server_to_see_a_change(tmp_path: Path
     _write_jpegs(tmp_path, 3)
     screens, _, _ = loadgen.load_screens(tmp_path, 3, 640, seed=1)
     pool = loadgen.build_pool(screens, 12, 70, seed=2)
-    assert len(pool) == 12 and all(j[:2] == b"\xff\xd8" for j in pool)
+    assert len(pool) == 12 and all(f.jpeg[:2] == b"\xff\xd8" and f.evidence is None for f in pool)
     for i in range(len(pool)):
         for k in range(i):
-            assert loadgen.screen_difference(pool[i], pool[k]) >= loadgen.MIN_CHANGE
+            assert loadgen.screen_difference(pool[i].jpeg, pool[k].jpeg) >= loadgen.MIN_CHANGE
+    # Frames narrower than the screen, like the browser's: the full screen is kept for evidence.
+    narrow = loadgen.build_pool(screens, 4, 70, seed=2, frame_width=320)
+    assert {read_size(f.jpeg) for f in narrow} == {(320, 180)}
+    assert {read_size(f.evidence) for f in narrow} == {(640, 360)}
 
 
 def test_pool_refuses_what_it_cannot_make() -> None:
@@ -320,7 +325,7 @@ async def test_student_keeps_heartbeating_after_its_last_frame_until_the_end() -
     ws, tally = _ScriptedSocket(), loadgen.Tally()
     loop = asyncio.get_running_loop()
     start = loop.time()
-    pool = [b"\xff\xd8one", b"\xff\xd8two"]
+    pool = [loadgen.PoolFrame(b"\xff\xd8one", None), loadgen.PoolFrame(b"\xff\xd8two", None)]
     try:  # one frame (period 10 s), run of 1.2 s: the heartbeat at 0.5 s comes after the last frame
         await student.stream(ws, pool, loadgen.FramePlan(2, 0.2, random.Random(1)), start, 10.0, start + 1.2,
                              1.0, tally)
@@ -353,6 +358,8 @@ class FakeProctor:
         self.origin = ""
         self.hellos = 0
         self.heartbeats = 0
+        # Frame 2 of every student "opens an alert": the server asks for it again at full size.
+        self.evidence_widths: list[int] = []
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -433,7 +440,13 @@ class FakeProctor:
                 continue
             assert msg.type == WSMsgType.BINARY
             header, jpeg = unpack_frame(msg.data)
+            if header.evidence:
+                assert header.seq == 2
+                self.evidence_widths.append(read_size(jpeg)[0])
+                continue
             self.metrics.frames_received.inc()
+            if header.seq == 2:
+                await ws.send_json({"type": "evidence_request", "seq": 2})
             if self.ignore_every and header.seq % self.ignore_every == 0:
                 continue
             if self.drop_every and header.seq % self.drop_every == 0:
@@ -464,7 +477,7 @@ def _pipeline_json(tmp_path: Path, backbone_fps: float) -> Path:
 
 def _options(url: str, tmp_path: Path, *extra: str) -> loadgen.Options:
     images = tmp_path / "screens"
-    _write_jpegs(images, 3)
+    _write_jpegs(images, 3, (1280, 720))
     return loadgen.parse_options(["--url", url, "--images", str(images), "--pool", "6", "--max-width", "640",
                                   "--connect-timeout", "20", *_ADMIN, *extra])
 
@@ -514,6 +527,8 @@ async def test_run_against_fake_server_measures_every_frame(tmp_path: Path) -> N
     # heartbeat_s 1: half a period after the first frame, then every second: one each in a 1.5 s run.
     assert fake.heartbeats == report["heartbeats_sent"] == 6
     assert report["frames_sent"] == 6 * 6  # 4 frames/s for 1.5 s, each student
+    # Frames went at --max-width 640; the evidence asked for came at the screenshots' 1280.
+    assert report["evidence_sent"] == 6 and fake.evidence_widths == [1280] * 6
     drops = sum(1 for seq in range(1, 7) if seq % 5 == 0) * 6
     assert report["dropped"] == {E_OVERLOADED: drops}
     assert report["verdicts"] == report["frames_sent"] - drops

@@ -97,6 +97,8 @@ async def test_teacher_records_frames_and_bad_ones_are_refused(client, store, us
     assert (await ws.receive_json(timeout=5))["code"] == protocol.E_BAD_HEADER
     await ws.send_bytes(protocol.pack_frame(5, 0.0, b"\xff\xd8" + bytes(2_000_000)))
     assert (await answer(ws, 5))["code"] == protocol.E_FRAME_TOO_LARGE
+    await ws.send_bytes(protocol.pack_frame(5, 0.0, tiny("red", 5), evidence=True))  # never asked for here
+    assert (await answer(ws, 5))["code"] == protocol.E_UNEXPECTED_EVIDENCE
     # A window instead of the whole screen: frames are refused until the whole screen is shared.
     await ws.send_str(json.dumps({"type": "hello", "surface": "window"}))
     assert (await ws.receive_json(timeout=5))["code"] == protocol.E_NOT_SHARING_SCREEN

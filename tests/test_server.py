@@ -178,6 +178,96 @@ async def test_alert_is_stored_with_evidence_and_scores(server, hall, store):
     await bob.close()
 
 
+async def stored_alerts(store, exam_id, count=1):
+    for _ in range(100):
+        alerts = await store.list_alerts(exam_id)
+        if len(alerts) >= count:
+            return alerts
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{count} alert(s) were not stored")
+
+
+async def send_evidence(ws, seq, jpeg):
+    await ws.send_bytes(protocol.pack_frame(seq, 1000.0 + seq, jpeg, evidence=True))
+
+
+async def messages_until_verdict(ws, seq, timeout=5.0):
+    """Every message up to and including the verdict (or error) of frame `seq`."""
+    seen = []
+    while not seen or not (seen[-1].get("seq") == seq and seen[-1]["type"] in ("verdict", "error")):
+        seen.append(await ws.receive_json(timeout=timeout))
+    return seen
+
+
+def evidence_requests(messages):
+    return [m for m in messages if m["type"] == "evidence_request"]
+
+
+async def test_alert_asks_for_its_frame_at_full_size_and_stores_that_as_evidence(server, hall, store):
+    client = await server(evidence_max_width=1920, max_frame_bytes=2_000_000)
+    bob = await connect_student(client, hall["b"], hall["exam"])
+    small = [screen("blue", 640, 360, seed=s) for s in range(2)]
+    seen = []
+    for seq, jpeg in enumerate(small):
+        await send_frame(bob, seq, jpeg)
+        seen += await messages_until_verdict(bob, seq)
+    # The alert opens on frame 1 (two suspicious frames of three): that frame is asked for again.
+    assert evidence_requests(seen) == [{"type": "evidence_request", "seq": 1}]
+    (alert,) = await stored_alerts(store, hall["exam"].id)
+    assert alert.evidence == small[1]  # the frame as classified, until the full-size copy comes
+    full = screen("blue", 1920, 1080, seed=1)
+    await send_evidence(bob, 1, full)
+    for _ in range(100):
+        if (await store.get_alert(alert.id)).evidence == full:
+            break
+        await asyncio.sleep(0.05)
+    assert (await store.get_alert(alert.id)).evidence == full
+    # One request, one answer: the same evidence again is refused and the stream goes on.
+    await send_evidence(bob, 1, full)
+    error = await next_of(bob, "error")
+    assert error["code"] == protocol.E_UNEXPECTED_EVIDENCE and error["seq"] == 1
+    await send_frame(bob, 2, screen("blue", 640, 360, seed=2))
+    assert (await answer_for(bob, 2))["type"] == "verdict"
+    await bob.close()
+
+
+async def test_evidence_that_was_not_asked_for_or_is_bad_is_refused(server, hall, store):
+    client = await server(evidence_max_width=1920, max_frame_bytes=2_000_000)
+    bob = await connect_student(client, hall["b"], hall["exam"])
+    await send_evidence(bob, 0, screen("blue", 1920, 1080))  # no alert yet
+    assert (await answer_for(bob, 0))["code"] == protocol.E_UNEXPECTED_EVIDENCE
+    seen = []
+    for seq in (1, 2):
+        await send_frame(bob, seq, screen("blue", 640, 360, seed=seq))
+        seen += await messages_until_verdict(bob, seq)
+    assert [m["seq"] for m in evidence_requests(seen)] == [2]
+    await send_evidence(bob, 1, screen("blue", 1920, 1080))  # not the frame asked for
+    assert (await answer_for(bob, 1))["code"] == protocol.E_UNEXPECTED_EVIDENCE
+    await send_evidence(bob, 2, screen("blue", 320, 180))  # smaller than the frame it would replace
+    assert (await answer_for(bob, 2))["code"] == protocol.E_UNEXPECTED_EVIDENCE
+    full = screen("blue", 1920, 1080, seed=2)
+    await send_evidence(bob, 2, full[:len(full) // 2])  # the header decodes, the body is cut short
+    assert (await answer_for(bob, 2))["code"] == protocol.E_BAD_JPEG
+    (alert,) = await stored_alerts(store, hall["exam"].id)
+    assert (await store.get_alert(alert.id)).evidence == screen("blue", 640, 360, seed=2)
+    await bob.send_bytes(bytes([protocol.PROTOCOL_VERSION, 0x80]) + bytes(14) + full)  # unknown flag
+    assert (await next_of(bob, "error"))["code"] == protocol.E_BAD_HEADER
+    await bob.close()
+
+
+async def test_frames_as_wide_as_the_evidence_ask_for_nothing(server, hall, store):
+    client = await server(evidence_max_width=1280)
+    bob = await connect_student(client, hall["b"], hall["exam"])
+    seen = []
+    for seq in range(3):
+        await send_frame(bob, seq, screen("blue", seed=seq))
+        seen += await messages_until_verdict(bob, seq)
+    await stored_alerts(store, hall["exam"].id)
+    assert [m["status"] for m in seen if m["type"] == "verdict"] == ["suspicious", "alert", "alert"]
+    assert evidence_requests(seen) == []
+    await bob.close()
+
+
 async def test_unrecognised_screen_alerts_without_a_program(server, hall):
     client = await server()
     teacher = await client.ws_connect(f"/ws/exams/{hall['exam'].id}/live",

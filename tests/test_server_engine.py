@@ -60,7 +60,7 @@ async def test_real_engine_classifies_streamed_frames_and_reloads_heads(store, e
         await ws.send_bytes(protocol.pack_frame(seq, 0.0, jpeg))
         while True:
             message = await ws.receive_json(timeout=10)
-            if message.get("seq") == seq:
+            if message.get("seq") == seq and message["type"] in ("verdict", "error"):
                 return message
 
     red = await verdict(1, screen("red", seed=11))

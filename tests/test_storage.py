@@ -269,6 +269,19 @@ async def test_alerts_roundtrip_idempotent_close_and_review(store):
     assert [x.evidence for x in light] == [b"", b""]
 
 
+async def test_alert_evidence_is_replaced_by_the_full_size_copy(store):
+    teacher, student, exam = await setup_exam(store)
+    a = alert(exam.id, student.id, evidence=jpeg(7))
+    await store.add_alert(a)
+    await store.set_alert_evidence(a.id, jpeg(8))
+    assert (await store.get_alert(a.id)).evidence == jpeg(8)
+    with pytest.raises(InvalidData, match="corrupt JPEG"):
+        await store.set_alert_evidence(a.id, b"\xff\xd8\xff\xe0garbage")
+    with pytest.raises(NotFound, match="no alert"):
+        await store.set_alert_evidence(uuid.uuid4().hex, jpeg(8))
+    assert (await store.get_alert(a.id)).evidence == jpeg(8)
+
+
 async def test_alert_errors(store):
     teacher, student, exam = await setup_exam(store)
     with pytest.raises(NotFound, match="no exam with id 999"):

@@ -24,6 +24,7 @@ from aiohttp import web
 
 from fakes import FAKE_HEADS, FakeClassifier
 from proctor.appkeys import HUB_KEY
+from proctor.batching.decode import read_size
 from proctor.config import Config
 from proctor.passwords import hash_password
 from proctor.server import create_app
@@ -193,6 +194,18 @@ async def test_teacher_student_alert_review_export(display, server, tmp_path):
             await teacher.wait_for_selector(f"{row}[data-state=live]", timeout=20_000)
             await teacher.wait_for_selector(f"{row} .state.displays:has-text('2 displays')")
             await teacher.wait_for_selector("#alerts li[data-alert-id] img[src^='data:image/jpeg']", timeout=30_000)
+            # The page sends the alert's frame again at the capture's full width (frames are 960 wide),
+            # and that copy becomes the alert's evidence.
+            await _until(student, "() => window.proctorStreamer.stats.evidenceSent >= 1")
+            evidence = await student.evaluate("() => window.proctorStreamer.stats.lastEvidence")
+            captured = await student.evaluate("() => window.proctorStreamer.video.videoWidth")
+            assert evidence["width"] == captured > 960
+            for _ in range(100):
+                stored = [read_size(a.evidence)[0] for a in await server["store"].list_alerts(exam_id)]
+                if captured in stored:
+                    break
+                await asyncio.sleep(0.1)
+            assert captured in stored
             await _shot(teacher, "teacher-dashboard.png", tmp_path)
             await _shot(student, "student-page.png", tmp_path)
             # The student is never shown the model's scores or verdicts.

@@ -398,6 +398,14 @@ class SqlStore:
         if not changed:
             await self.get_alert(alert_id, with_evidence=False)  # NotFound when it does not exist
 
+    async def set_alert_evidence(self, alert_id: str, evidence: bytes) -> None:
+        """Replace an alert's evidence with the full-size copy of the same frame the student's page sent."""
+        evidence = v.jpeg(f"evidence of alert {alert_id}", evidence)
+        async with self._connection() as c:
+            changed = await c.execute("UPDATE alerts SET evidence = ? WHERE id = ?", evidence, str(alert_id))
+        if not changed:
+            raise NotFound(f"no alert with id {alert_id}")
+
     async def get_alert(self, alert_id: str, with_evidence: bool = True) -> Alert:
         async with self._connection() as c:
             row = await c.fetchrow(f"SELECT {_alert_columns(with_evidence)} FROM alerts WHERE id = ?",

@@ -117,6 +117,10 @@ class _Recorder:
             await self.error(exc.code, exc.message, strike=True)
             return
         seq = header.seq
+        if header.evidence:
+            await self.error(protocol.E_UNEXPECTED_EVIDENCE, "recording samples never asks for evidence", seq,
+                             strike=True)
+            return
         if len(view) > config.max_frame_bytes:
             await self.error(protocol.E_FRAME_TOO_LARGE, f"frame of {len(view)} bytes is over the limit of "
                              f"{config.max_frame_bytes}", seq, strike=True)

@@ -3,6 +3,9 @@
 
 export const PROTOCOL_VERSION = 1;
 export const HEADER_SIZE = 16;
+export const FLAG_EVIDENCE = 0x01; // header flag: the full-size copy of an earlier frame, asked for by the server
+// Frames kept at full size for evidence_request: an alert opens on a frame one verdict ago at most.
+const EVIDENCE_KEEP = 3;
 const MAX_BUFFERED_BYTES = 2 * 1024 * 1024; // skip frames rather than queue them behind a slow link
 const BACKOFF_MIN_MS = 1000;
 const BACKOFF_MAX_MS = 30000;
@@ -22,11 +25,12 @@ export class NotWholeScreenError extends Error {
   }
 }
 
-/** The 16-byte frame header: version u8, 3 reserved bytes, seq u32, capture time ms f64, big-endian. */
-export function frameHeader(seq, captureMs) {
+/** The 16-byte frame header: version u8, flags u8, 2 reserved bytes, seq u32, capture time ms f64, big-endian. */
+export function frameHeader(seq, captureMs, flags = 0) {
   const header = new ArrayBuffer(HEADER_SIZE);
   const view = new DataView(header);
   view.setUint8(0, PROTOCOL_VERSION);
+  view.setUint8(1, flags);
   view.setUint32(4, seq >>> 0, false);
   view.setFloat64(8, captureMs, false);
   return header;
@@ -61,9 +65,12 @@ export class ScreenStreamer {
     this.video.muted = true;
     this.video.playsInline = true;
     this.canvas = document.createElement("canvas");
-    this.config = { fps: 0.5, max_width: 1280, jpeg_quality: 0.7, heartbeat_s: 5 };
+    this.config = { fps: 0.5, max_width: 1280, evidence_max_width: 1920, jpeg_quality: 0.7, heartbeat_s: 5 };
     this.seq = 0;
-    this.stats = { framesSent: 0, bytesSent: 0, framesSkipped: 0, verdicts: 0, reconnects: 0, lastError: null };
+    this.stats = { framesSent: 0, bytesSent: 0, framesSkipped: 0, verdicts: 0, reconnects: 0, lastError: null,
+      evidenceSent: 0, evidenceMissing: 0 };
+    // The last few captured frames at full size, by seq, for the server's evidence_request.
+    this._recent = [];
     this.stream = null;
     this.track = null;
     this.ws = null;
@@ -136,6 +143,7 @@ export class ScreenStreamer {
     clearInterval(this._heartbeatTimer);
     clearTimeout(this._reconnectTimer);
     this._captureTimer = this._heartbeatTimer = this._reconnectTimer = null;
+    this._forgetRecent(0);
     if (this.stream) this.stream.getTracks().forEach((t) => t.stop());
     this.stream = this.track = null;
     this.video.srcObject = null;
@@ -182,6 +190,8 @@ export class ScreenStreamer {
         this._setState(this.track.muted ? "paused" : "sharing");
         this._scheduleCapture(0);
       }
+    } else if (msg.type === "evidence_request") {
+      this.sendEvidence(msg.seq).catch((err) => { this.stats.lastError = String(err); });
     } else if (msg.type === "verdict") {
       this.stats.verdicts += 1;
       // Only the status reaches the page: the student never sees the model's scores.
@@ -274,24 +284,65 @@ export class ScreenStreamer {
       if (this.canvas.height !== h) this.canvas.height = h;
       const ctx = this.canvas.getContext("2d", { alpha: false });
       const captureMs = Date.now();
-      ctx.drawImage(this.video, 0, 0, w, h);
-      const quality = Math.min(1, Math.max(0.1, Number(this.config.jpeg_quality) || 0.7));
-      const blob = await new Promise((resolve) => this.canvas.toBlob(resolve, "image/jpeg", quality));
+      const seq = this.seq;
+      // Keep this very picture at full size when evidence would be larger than the frame sent.
+      const full = this.video.videoWidth > w && Number(this.config.evidence_max_width) > w
+        ? await createImageBitmap(this.video) : null;
+      ctx.drawImage(full || this.video, 0, 0, w, h);
+      if (full) this._remember(seq, captureMs, full);
+      const blob = await this._jpeg(this.canvas);
       if (!blob) return false;
       const jpeg = await blob.arrayBuffer();
       if (ws.readyState !== WebSocket.OPEN) return false;
-      const message = new Uint8Array(HEADER_SIZE + jpeg.byteLength);
-      message.set(new Uint8Array(frameHeader(this.seq, captureMs)), 0);
-      message.set(new Uint8Array(jpeg), HEADER_SIZE);
-      ws.send(message.buffer);
-      this.seq = (this.seq + 1) >>> 0;
+      this._sendBinary(ws, frameHeader(seq, captureMs), jpeg);
+      this.seq = (seq + 1) >>> 0;
       this.stats.framesSent += 1;
-      this.stats.bytesSent += message.byteLength;
+      this.stats.bytesSent += HEADER_SIZE + jpeg.byteLength;
       this.stats.lastFrame = { width: w, height: h, bytes: jpeg.byteLength };
       return true;
     } finally {
       this._encoding = false;
     }
+  }
+
+  /** Answer evidence_request: frame `seq` again, at up to evidence_max_width; false when no longer held. */
+  async sendEvidence(seq) {
+    const kept = this._recent.find((r) => r.seq === seq);
+    const ws = this.ws;
+    if (!kept || !ws || ws.readyState !== WebSocket.OPEN) { this.stats.evidenceMissing += 1; return false; }
+    const [w, h] = scaledSize(kept.bitmap.width, kept.bitmap.height, Number(this.config.evidence_max_width) || 1920);
+    const canvas = document.createElement("canvas");
+    canvas.width = w;
+    canvas.height = h;
+    canvas.getContext("2d", { alpha: false }).drawImage(kept.bitmap, 0, 0, w, h);
+    const blob = await this._jpeg(canvas);
+    if (!blob || ws.readyState !== WebSocket.OPEN) return false;
+    this._sendBinary(ws, frameHeader(seq, kept.captureMs, FLAG_EVIDENCE), await blob.arrayBuffer());
+    this.stats.evidenceSent += 1;
+    this.stats.lastEvidence = { seq, width: w, height: h, bytes: blob.size };
+    return true;
+  }
+
+  _jpeg(canvas) {
+    const quality = Math.min(1, Math.max(0.1, Number(this.config.jpeg_quality) || 0.7));
+    return new Promise((resolve) => canvas.toBlob(resolve, "image/jpeg", quality));
+  }
+
+  _sendBinary(ws, header, jpeg) {
+    const message = new Uint8Array(HEADER_SIZE + jpeg.byteLength);
+    message.set(new Uint8Array(header), 0);
+    message.set(new Uint8Array(jpeg), HEADER_SIZE);
+    ws.send(message.buffer);
+  }
+
+  _remember(seq, captureMs, bitmap) {
+    this._recent.push({ seq, captureMs, bitmap });
+    this._forgetRecent(EVIDENCE_KEEP);
+  }
+
+  /** Keep only the newest `keep` full-size frames (their pixels are freed at once, not by the GC). */
+  _forgetRecent(keep) {
+    while (this._recent.length > keep) this._recent.shift().bitmap.close();
   }
 }
 
