@@ -89,3 +89,17 @@ def test_evidence_thumbnail_of_a_corrupt_jpeg_is_a_decode_error(data):
     # The session and the cross-node relay catch DecodeError: anything else would kill the alert's task.
     with pytest.raises(decode.DecodeError, match="corrupt JPEG"):
         decode.evidence_thumbnail(data)
+
+
+def test_served_frame_is_what_the_server_decodes_from_the_page_s_jpeg():
+    rng = np.random.default_rng(3)
+    screen = rng.integers(0, 255, (1080, 1920, 3), dtype=np.uint8)
+    screen[:, :960] = (20, 200, 40)
+    served = decode.served_frame(screen, (320, 180), client_width=640, quality=0.7)
+    assert served.shape == (180, 320, 3) and served.dtype == np.uint8
+    # The left half stays the flat green the page sent, the right half the noise averaged to grey.
+    assert np.abs(served[:, :150].astype(int) - (20, 200, 40)).max() < 20
+    assert 100 < served[:, 170:].mean() < 155
+    # A screen no wider than the client width is not scaled before encoding.
+    small = decode.served_frame(screen[:360, :640], (320, 180), client_width=1280, quality=0.7)
+    assert small.shape == (180, 320, 3)
