@@ -211,7 +211,10 @@ def build_pool(screens: Sequence[Any], size: int, quality: int, seed: int, min_c
     Frames are scaled to `frame_width` (like the browser's canvas); the unscaled screen is the evidence.
     Encoding happens once here so that sending a frame costs nothing but the socket write.
     """
-    from PIL import Image, ImageDraw
+    import numpy as np
+    from PIL import ImageDraw
+
+    from proctor.batching.decode import page_jpeg
 
     if size < 2:
         raise LoadgenError(f"--pool {size} is too small: changed frames need at least 2 different images")
@@ -228,13 +231,11 @@ def build_pool(screens: Sequence[Any], size: int, quality: int, seed: int, min_c
             x, y = rng.randrange(0, img.width - w), rng.randrange(0, img.height - h)
             ImageDraw.Draw(img).rectangle((x, y, x + w, y + h), fill=tuple(rng.randrange(0, 256) for _ in range(3)))
         attempts += 1
-        small = img
-        if frame_width is not None and img.width > frame_width:
-            small = img.resize((frame_width, round(img.height * frame_width / img.width)), Image.LANCZOS)
-        jpeg = _encode(small, quality)
+        narrower = frame_width is not None and img.width > frame_width
+        jpeg = page_jpeg(np.asarray(img), frame_width, quality / 100) if narrower else _encode(img, quality)
         thumb = _thumbnail(jpeg)
         if all(float(abs(thumb - t).mean()) >= min_change for t in thumbs):
-            pool.append(PoolFrame(jpeg, _encode(img, quality) if small is not img else None))
+            pool.append(PoolFrame(jpeg, _encode(img, quality) if narrower else None))
             thumbs.append(thumb)
     if len(pool) < 2:
         raise LoadgenError(f"could not make 2 screens differing by {min_change} grey levels from "

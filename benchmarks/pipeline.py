@@ -25,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import simplejpeg
 import torch
 import torchvision
 
@@ -41,19 +40,18 @@ from proctor.models.heads import make_head  # noqa: E402
 from proctor.whitelist import Policy, judge  # noqa: E402
 
 
-def load_frames(images: Path | None, count: int) -> tuple[list[bytes], str]:
-    """JPEGs as students send them (max width 1280): the captured screenshots, else synthetic screens."""
+def load_frames(images: Path | None, count: int, width: int, quality: float) -> tuple[list[bytes], str]:
+    """JPEGs as students send them (`width` wide at most): the captured screenshots, else synthetic screens."""
     files = sorted(images.rglob("*.jpg")) if images and images.is_dir() else []
     frames: list[bytes] = []
     if files:
         for path in files[:count]:
             data = path.read_bytes()
-            width, height = decode.read_size(data)
-            if width > 1280:
-                pixels = decode.decode_rgb(data, (1280, round(1280 * height / width)))
-                data = simplejpeg.encode_jpeg(np.ascontiguousarray(pixels), quality=75, colorspace="RGB")
+            shot_width, shot_height = decode.read_size(data)
+            if shot_width > width:
+                data = decode.page_jpeg(decode.decode_rgb(data, (shot_width, shot_height)), width, quality)
             frames.append(data)
-        source = f"{len(frames)} screenshots from {images}"
+        source = f"{len(frames)} screenshots from {images}, {width} wide at most"
     rng = np.random.default_rng(0)
     while len(frames) < count:
         # Window-like blocks of flat colour with text-like noise: compresses like a real screen.
@@ -62,7 +60,7 @@ def load_frames(images: Path | None, count: int) -> tuple[list[bytes], str]:
             x, y = rng.integers(0, 1000), rng.integers(0, 500)
             pixels[y:y + 200, x:x + 280] = rng.integers(0, 255, 3)
             pixels[y + 20:y + 180:12, x + 10:x + 270] = rng.integers(0, 80, (14, 260, 3))
-        frames.append(simplejpeg.encode_jpeg(pixels, quality=75, colorspace="RGB"))
+        frames.append(decode.page_jpeg(pixels, width, quality))
     if not files:
         source = "synthetic screens (no screenshots found)"
     return frames, source
@@ -160,6 +158,8 @@ def main() -> int:
     parser.add_argument("--naive-frames", type=int, default=24)
     parser.add_argument("--seconds", type=float, default=8.0, help="time per backbone measurement")
     parser.add_argument("--images", type=Path, default=ROOT / "data" / "screens")
+    parser.add_argument("--client-width", type=int, default=Config().client_max_width,
+                        help="frame width, as the student page sends them (default: the server's, %(default)s)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--backbone-weights", default="bundled")
     parser.add_argument("--data-dir", default=str(ROOT / "var"))
@@ -168,7 +168,7 @@ def main() -> int:
     config = Config(device=args.device, backbone_weights=args.backbone_weights, data_dir=args.data_dir)
     engine = Engine.from_config(config)
     make_heads(engine, args.heads)
-    jpegs, source = load_frames(args.images, 64)
+    jpegs, source = load_frames(args.images, 64, args.client_width, config.client_jpeg_quality)
     size = engine.frame_size
     decoded = [decode.decode_rgb(j, size) for j in jpegs]
     while len(decoded) < args.batch:

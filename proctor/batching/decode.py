@@ -62,21 +62,24 @@ def decode_rgb(jpeg: bytes | memoryview, size: tuple[int, int]) -> np.ndarray:
     return pixels
 
 
-def served_frame(pixels: np.ndarray, size: tuple[int, int], client_width: int, quality: float) -> np.ndarray:
-    """The model's input for a screen, made as the live path makes it, for training and benchmarks.
-
-    The student page scales the screen to at most `client_width` and JPEG-encodes it at `quality`
-    (0.1..1, like Config.client_jpeg_quality); the server decodes it by DCT scaling to `size`. Heads
-    trained and judged on pixels made another way (a full decode and a resize) see other pixels
-    than they get in an exam.
-    """
+def page_jpeg(pixels: np.ndarray, client_width: int, quality: float) -> bytes:
+    """A screen's JPEG as the student page sends it: scaled to at most `client_width`, encoded at `quality` (0.1..1)."""
     image = Image.fromarray(np.ascontiguousarray(pixels))
     if image.width > client_width:
         image = image.resize((client_width, max(1, round(image.height * client_width / image.width))),
                              Image.BILINEAR)
-    jpeg = simplejpeg.encode_jpeg(np.ascontiguousarray(np.asarray(image)), quality=round(quality * 100),
+    return simplejpeg.encode_jpeg(np.ascontiguousarray(np.asarray(image)), quality=round(quality * 100),
                                   colorspace="RGB")
-    return decode_rgb(jpeg, size)
+
+
+def served_frame(pixels: np.ndarray, size: tuple[int, int], client_width: int, quality: float) -> np.ndarray:
+    """The model's input for a screen, made as the live path makes it, for training and benchmarks.
+
+    The page's JPEG (`page_jpeg`), decoded by DCT scaling to `size` as the server decodes it. Heads
+    trained and judged on pixels made another way (a full decode and a resize) see other pixels than
+    they get in an exam.
+    """
+    return decode_rgb(page_jpeg(pixels, client_width, quality), size)
 
 
 def thumbnail(jpeg: bytes | memoryview) -> np.ndarray:
