@@ -259,6 +259,26 @@ def load_heads(sources: Sequence[Head | HeadRecord | bytes | str | os.PathLike])
     return heads
 
 
+def share_backbone_passes(heads: Sequence[Head]) -> list[Head]:
+    """The heads, with "avg" heads widened to "avg_max2x2" where one of their backbone and input uses that pooling.
+
+    avg_max2x2 features begin with the global average, so an avg head with zero weights on the grid
+    maxima scores exactly as before; it then joins the avg_max2x2 group and both run ONE backbone pass.
+    """
+    wide = {(h.backbone_hash, h.preprocessing) for h in heads if h.pooling == "avg_max2x2"}
+    out = []
+    for head in heads:
+        if head.pooling != "avg" or (head.backbone_hash, head.preprocessing) not in wide:
+            out.append(head)
+            continue
+        extra = feature_dim(head.preprocessing, "avg_max2x2") - head.feature_dim
+        tensors = dict(head.tensors)
+        key = "hidden.weight" if head.kind == "mlp" else "weight"
+        tensors[key] = np.pad(tensors[key], ((0, 0), (0, extra)))
+        out.append(head.replace(pooling="avg_max2x2", tensors=tensors))
+    return out
+
+
 # --- stacking -------------------------------------------------------------------------------------------------
 
 
@@ -336,5 +356,5 @@ class HeadStack:
 
 __all__ = [
     "HEAD_FORMAT", "Head", "HeadError", "HeadStack", "KINDS", "head_from_record", "head_to_record", "load_heads",
-    "make_head", "read_head_file", "write_head_file",
+    "make_head", "read_head_file", "share_backbone_passes", "write_head_file",
 ]
