@@ -190,6 +190,9 @@ def test_avg_max2x2_heads_round_trip_and_check_their_width():
     assert again.pooling == "avg_max2x2" and again.feature_dim == 6400 and again.group == head.group
     with pytest.raises(HeadError, match=r"weight has shape \(1, 1280\), expected \(1, 6400\)"):
         make_head("grid", "Grid", "logistic", {"weight": np.zeros((1, F)), "bias": [0]}, spec)
+    with pytest.raises(HeadError, match=r"head 'grid': features of shape \(3, 1280\), expected \[N, 6400\] "
+                                        r"\(avg_max2x2 pooling\)"):
+        head.scores(np.zeros((3, F)))
 
 
 def test_avg_heads_share_the_pass_of_avg_max2x2_heads_and_score_the_same():

@@ -77,7 +77,7 @@ def test_head_separates_heldout_screens_of_its_program(bundled, tmp_path):
     held_pos = _pick(HELDOUT, program, 3)
     held_neg = _pick(HELDOUT, None, 1, exclude=program)
     images = training.read_images(held_pos + held_neg)
-    cache = training.FeatureCache(tmp_path / "features", bundled)
+    cache = training.FeatureCache(tmp_path / "features", bundled, head.pooling)
     scores = head.scores(training.features(images, 1, bundled, cache)[:, 0])
     labels = np.array([1] * len(held_pos) + [0] * len(held_neg))
     metrics = training.evaluate(scores, labels, head.threshold)

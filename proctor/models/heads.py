@@ -143,7 +143,11 @@ class Head:
 
     def scores(self, features: np.ndarray) -> np.ndarray:
         """This head alone on features [N, F] -> scores [N]; the reference the stacked form must match."""
-        return HeadStack.build([self]).apply(torch.from_numpy(np.asarray(features, np.float32)))[:, 0].numpy()
+        features = np.asarray(features, np.float32)
+        if features.ndim != 2 or features.shape[1] != self.feature_dim:
+            raise HeadError(f"head {self.name!r}: features of shape {features.shape}, expected [N, "
+                            f"{self.feature_dim}] ({self.pooling} pooling)")
+        return HeadStack.build([self]).apply(torch.from_numpy(features))[:, 0].numpy()
 
 
 def make_head(name: str, program: str, kind: str, tensors: Mapping[str, Any], backbone: BackboneSpec,
