@@ -61,9 +61,15 @@ def main() -> int:
         programs += [folder.name] * len(found)
     programs_arr = np.array(programs)
     start = time.monotonic()
-    feats = features(images, 1, backbone, FeatureCache(args.cache_dir / "features", backbone))[:, 0]
+    # Heads of one pooling share one backbone pass, as in the engine.
+    scores = np.zeros((len(images), len(heads)), np.float32)
+    for pooling in sorted({h.pooling for h in heads}):
+        columns = [j for j, h in enumerate(heads) if h.pooling == pooling]
+        cache = FeatureCache(args.cache_dir / "features", backbone, pooling)
+        feats = features(images, 1, backbone, cache)[:, 0]
+        stack = HeadStack.build([heads[j] for j in columns])
+        scores[:, columns] = stack.apply(torch.from_numpy(feats)).numpy()
     feature_s = time.monotonic() - start
-    scores = HeadStack.build(heads).apply(torch.from_numpy(feats)).numpy()
 
     per_head = {}
     for j, head in enumerate(heads):
@@ -96,6 +102,7 @@ def main() -> int:
     result = {"benchmark": "heads", "heldout": str(args.heldout), "heldout_resolutions": resolutions,
               "frames": len(images), "backbone": backbone.spec.source, "backbone_hash": backbone.weights_hash,
               "input": f"{backbone.spec.preprocessing.width}x{backbone.spec.preprocessing.height}",
+              "poolings": sorted({h.pooling for h in heads}),
               "feature_seconds": round(feature_s, 2), "heads": per_head, "whitelist": whitelist,
               "min_balanced_accuracy": min((h.get("balanced_accuracy", 0.0) for h in per_head.values()), default=0.0),
               "machine": describe_machine(torch=torch.__version__, torch_threads=torch.get_num_threads())}

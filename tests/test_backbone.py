@@ -38,8 +38,28 @@ def test_hash_is_stable_and_tracks_the_weights(backbone, tmp_path):
 def test_feature_dim():
     assert bb.feature_dim(SMALL, "avg") == 1280
     assert bb.feature_dim(Preprocessing(width=400, height=225), "flatten") == 13 * 8 * 1280
-    with pytest.raises(bb.BackboneError, match="unknown pooling 'max'"):
+    assert bb.feature_dim(Preprocessing(width=400, height=225), "avg_max2x2") == 5 * 1280
+    with pytest.raises(bb.BackboneError, match="unknown pooling 'max': expected one of avg, flatten, avg_max2x2"):
         bb.feature_dim(SMALL, "max")
+    with pytest.raises(bb.BackboneError, match="unknown pooling 'grid'"):
+        bb.Pool("grid")
+
+
+def test_grid_cells_cut_as_adaptive_pooling_does():
+    assert bb.grid_cells(6, 10) == [(0, 3, 0, 5), (0, 3, 5, 10), (3, 6, 0, 5), (3, 6, 5, 10)]
+    assert bb.grid_cells(3, 2) == [(0, 2, 0, 1), (0, 2, 1, 2), (1, 3, 0, 1), (1, 3, 1, 2)]  # odd side: overlap
+    assert bb.grid_cells(1, 1) == [(0, 1, 0, 1)] * 4
+
+
+@pytest.mark.parametrize("height,width", [(6, 10), (3, 2), (1, 1), (8, 13)])
+def test_avg_max2x2_pooling_matches_a_direct_computation(height, width):
+    x = torch.randn(2, 1280, height, width, generator=torch.Generator().manual_seed(height * width))
+    pooled = bb.Pool("avg_max2x2")(x)
+    assert pooled.shape == (2, 5 * 1280)
+    rows = [(0, -(-height // 2)), (height // 2, height)]
+    cols = [(0, -(-width // 2)), (width // 2, width)]
+    expected = [x.mean(dim=(2, 3))] + [x[:, :, t:b, l:r].amax(dim=(2, 3)) for t, b in rows for l, r in cols]
+    torch.testing.assert_close(pooled, torch.cat(expected, dim=1))
 
 
 @pytest.mark.parametrize("size,kernel,stride,total", [(224, 3, 2, 1), (225, 3, 2, 2), (7, 1, 1, 0), (8, 3, 1, 2)])
@@ -100,6 +120,11 @@ def test_extract_gives_pooled_features(backbone):
     assert avg.shape == (3, 1280) and flat.shape == (3, 2 * 2 * 1280)
     # flatten is in Keras' (H, W, C) order, so averaging its cells gives the average pooling.
     np.testing.assert_allclose(flat.reshape(3, 4, 1280).mean(axis=1), avg, rtol=1e-5, atol=1e-5)
+    grid = backbone.extract(frames, pooling="avg_max2x2")
+    # The 2x2 map has one cell per grid cell: the average first, then each cell's value (row-major).
+    assert grid.shape == (3, 5 * 1280)
+    np.testing.assert_allclose(grid[:, :1280], avg, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grid[:, 1280:].reshape(3, 4, 1280), flat.reshape(3, 4, 1280), rtol=1e-5, atol=1e-5)
 
 
 def test_torchvision_state_dict_loads(tmp_path, backbone):

@@ -114,6 +114,37 @@ def test_workers_classify_batches_at_the_same_time(backbone, tmp_path):
         Engine(bb.BackboneLibrary([backbone]), device="cpu", runtime="onnx", workers=0)
 
 
+def test_avg_max2x2_heads_classify_alike_in_onnx_and_torch(backbone, tmp_path):
+    # 80x45 gives a 3x2 map: the grid's cells overlap, which the ONNX graph must cut as torch does.
+    odd = dataclasses.replace(backbone.spec, preprocessing=Preprocessing(width=80, height=45), pooling="avg_max2x2")
+    grid = dataclasses.replace(backbone.spec, pooling="avg_max2x2")
+    rng = np.random.default_rng(3)
+    heads = [make_head(f"{name}{i}", "P", "logistic", {"weight": rng.standard_normal((1, 6400)) * 0.05,
+                                                          "bias": [0.0]}, spec)
+             for name, spec in (("grid", grid), ("odd", odd)) for i in range(2)] + _heads(backbone.spec, 2)
+    onnx = Engine(bb.BackboneLibrary([backbone]), device="cpu", runtime="onnx", cache_dir=tmp_path)
+    eager = Engine(bb.BackboneLibrary([backbone]), device="cpu", runtime="torch")
+    for engine in (onnx, eager):
+        engine.set_heads(heads, strict=True)
+    # The avg heads join the avg_max2x2 group of their backbone and input: two groups, two backbone passes.
+    assert [(g["input"], g["pooling"], g["heads"]) for g in onnx.describe()["groups"]] == \
+        [("64x36", "avg_max2x2", 4), ("80x45", "avg_max2x2", 2)]
+    frames = _frames(3, seed=11, size=(80, 45))
+    before = onnx.backbone_calls
+    a, b = onnx.classify(frames), eager.classify(frames)
+    assert onnx.backbone_calls - before == 2
+    alone = Engine(bb.BackboneLibrary([backbone]), device="cpu", runtime="onnx", cache_dir=tmp_path)
+    alone.set_heads(heads[4:])
+    np.testing.assert_allclose(a.values[:, 4:], alone.classify(frames).values, atol=1e-5)
+    np.testing.assert_allclose(a.values, b.values, atol=1e-4)
+    assert a.values.std() > 0.01
+    small = _frames(3, seed=12)  # at the grid group's input size: no resize differs between the two paths
+    features = onnx.features(small, spec=grid)
+    np.testing.assert_allclose(features, backbone.extract(small, pooling="avg_max2x2"), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(a.values[:, 0], heads[0].scores(onnx.features(frames, spec=grid)), atol=1e-5)
+    assert any("-80x45-avg_max2x2-" in p.name for p in tmp_path.glob("*.onnx"))
+
+
 def test_every_head_kind_scores_as_it_does_alone(onnx_engine, backbone):
     rng = np.random.default_rng(7)
     mlp = make_head("mlp", "M", "mlp", {"hidden.weight": rng.standard_normal((16, 1280)) * 0.05,

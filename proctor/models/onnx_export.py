@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from proctor.models.backbone import Backbone, feature_dim, same_padding
+from proctor.models.backbone import Backbone, feature_dim, grid_cells, same_padding
 from proctor.models.interface import Preprocessing
 
 logger = logging.getLogger(__name__)
@@ -30,8 +30,8 @@ OPSET = 17
 IR_VERSION = 8
 INPUT_NAME = "frames"
 OUTPUT_NAME = "features"
-# Part of the cache file name: bump when the graph's inputs or structure change.
-GRAPH_VERSION = 2
+# Part of the cache file name: bump when the graph's inputs or structure change (3: the avg_max2x2 pooling).
+GRAPH_VERSION = 3
 
 
 class _Graph:
@@ -117,6 +117,16 @@ class _Graph:
         x = self.node("Mul", [x, self.constant(scale, "scale")])
         return self.node("Add", [x, self.constant(shift, "shift")])
 
+    def avg_max_grid(self, x: str) -> str:
+        """[N, C, H, W] -> [N, 5C]: the global average, then each 2x2-grid cell's maximum (cells as Pool cuts them)."""
+        parts = [self.node("Flatten", [self.node("GlobalAveragePool", [x])], axis=1)]
+        axes = self.constant(np.array([2, 3], np.int64), "axes")
+        for top, bottom, left, right in grid_cells(*self.size):
+            cell = self.node("Slice", [x, self.constant(np.array([top, left], np.int64), "starts"),
+                                       self.constant(np.array([bottom, right], np.int64), "ends"), axes])
+            parts.append(self.node("ReduceMax", [cell], axes=[2, 3], keepdims=0))
+        return self.node("Concat", parts, axis=1)
+
 
 def build_onnx(backbone: Backbone, preprocessing: Preprocessing, pooling: str):
     """The ONNX model: frames [N, H, W, 3] uint8 RGB -> features [N, F] float32."""
@@ -128,6 +138,8 @@ def build_onnx(backbone: Backbone, preprocessing: Preprocessing, pooling: str):
         x = graph.block(x, module)
     if pooling == "avg":
         x = graph.node("GlobalAveragePool", [x])
+    elif pooling == "avg_max2x2":
+        x = graph.avg_max_grid(x)
     else:  # Keras' Flatten order: (H, W, C)
         x = graph.node("Transpose", [x], perm=[0, 2, 3, 1])
     graph.node("Flatten", [x], output=OUTPUT_NAME, axis=1)

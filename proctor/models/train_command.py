@@ -28,6 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--target-far", type=float, default=0.01,
                    help="false-alarm rate the threshold is picked for on out-of-fold scores (default 0.01; "
                         "with fewer than 1/rate positives one outlier may be left below it, see README)")
+    p.add_argument("--pooling", default=None,
+                   help="how the backbone's feature map becomes the head's input: avg_max2x2 (default; the "
+                        "global average plus the maxima of a 2x2 grid) or avg (the global average only)")
     p.add_argument("--no-augment", action="store_true", help="train on the screenshots as they are")
     p.add_argument("--seed", type=int, default=0, help="seed of the cross-validation folds and augmentation")
     p.add_argument("--backbone-weights", default=None,
@@ -39,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from proctor.models.backbone import BackboneError, load_backbone
     from proctor.models.heads import HeadError, write_head_file
-    from proctor.models.training import TrainingError, TrainOptions, train_head
+    from proctor.models.training import DEFAULT_POOLING, TrainingError, TrainOptions, train_head
 
     overrides = {k: v for k, v in (("backbone_weights", args.backbone_weights), ("data_dir", args.data_dir)) if v}
     try:
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     cache = Path(config.data_dir) / "cache"
     try:
         options = TrainOptions(mlp=args.mlp, target_far=args.target_far, augment=not args.no_augment,
-                               seed=args.seed, cache_dir=cache / "features")
+                               seed=args.seed, cache_dir=cache / "features", pooling=args.pooling or DEFAULT_POOLING)
         options.check()
         backbone = load_backbone(config.backbone_weights, cache)
         result = train_head(args.name, args.positives, args.negatives, backbone, program=args.program,

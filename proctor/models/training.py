@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-from proctor.models.backbone import Backbone, preprocessing_to_dict
+from proctor.models.backbone import POOLINGS, Backbone, preprocessing_to_dict
 from proctor.models.heads import Head, make_head
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # Bump when the augmentation changes, so cached features of the old augmentation are not reused.
 AUGMENT_VERSION = 2
 MAX_DECODE_PIXELS = 4096 * 4096
+# The pooling new heads are trained on: on the demo screenshots it cut the out-of-fold errors of global
+# average pooling by about half (benchmarks/pooling_oof.py, README "Demo heads").
+DEFAULT_POOLING = "avg_max2x2"
 
 
 class TrainingError(ValueError):
@@ -59,6 +62,9 @@ class TrainOptions:
 
     mlp: bool = False
     hidden: int = 64
+    # How the backbone's feature map becomes the head's input (backbone.POOLINGS); all heads of one pooling
+    # share one backbone pass per batch.
+    pooling: str = DEFAULT_POOLING
     target_far: float = 0.01
     # Cross-validation folds for the out-of-fold scores the threshold is picked on (fewer when a class has
     # fewer images).
@@ -85,6 +91,10 @@ class TrainOptions:
             raise TrainingError(f"invalid threshold position {self.threshold_position!r}: must be in [0, 1]")
         if not 1 <= self.hidden <= 4096:
             raise TrainingError(f"invalid hidden size {self.hidden!r}: must be 1..4096")
+        if self.pooling not in POOLINGS or self.pooling == "flatten":
+            # flatten is for imported Keras heads: its features grow with the input size and overfit.
+            raise TrainingError(f"invalid pooling {self.pooling!r}: expected one of "
+                                f"{', '.join(p for p in POOLINGS if p != 'flatten')}")
 
 
 @dataclass
@@ -233,11 +243,13 @@ def augment(img: Image.Image, seed: int) -> Image.Image:
 
 
 class FeatureCache:
-    """Feature vectors on disk, one .npy per (image sha256, variant), under a key of backbone + input + augmentation."""
+    """Feature vectors on disk, one .npy per (image sha256, variant), under a key of backbone + input + pooling +
+    augmentation."""
 
-    def __init__(self, directory: str | os.PathLike | None, backbone: Backbone):
+    def __init__(self, directory: str | os.PathLike | None, backbone: Backbone, pooling: str | None = None):
         spec = backbone.spec
-        key = repr((spec.weights_hash, sorted(preprocessing_to_dict(spec.preprocessing).items()), spec.pooling,
+        self.pooling = pooling or spec.pooling
+        key = repr((spec.weights_hash, sorted(preprocessing_to_dict(spec.preprocessing).items()), self.pooling,
                     AUGMENT_VERSION))
         self.key = hashlib.sha256(key.encode()).hexdigest()[:24]
         self.directory = Path(directory) / self.key if directory else None
@@ -275,7 +287,7 @@ def _variant_seed(sha: str, variant: int) -> int:
 
 def features(images: Sequence[_Image], variants: int, backbone: Backbone, cache: FeatureCache,
              progress: Progress | None = None, batch_size: int = 16) -> np.ndarray:
-    """Features [len(images), variants, F]: variant 0 is the image itself, the others augmented copies."""
+    """Features [len(images), variants, F] (cache.pooling): variant 0 is the image itself, the others augmented."""
     out: list[list[np.ndarray | None]] = [[cache.get(im.sha256, v) for v in range(variants)] for im in images]
     todo = [(i, v) for i in range(len(images)) for v in range(variants) if out[i][v] is None]
     total = len(images) * variants
@@ -292,7 +304,7 @@ def features(images: Sequence[_Image], variants: int, backbone: Backbone, cache:
                 decoded[i] = decode(images[i])
             img = decoded[i] if v == 0 else augment(decoded[i], _variant_seed(images[i].sha256, v))
             frames.append(np.asarray(img))
-        vectors = backbone.extract(frames, batch_size=batch_size)
+        vectors = backbone.extract(frames, pooling=cache.pooling, batch_size=batch_size)
         for (i, v), vector in zip(chunk, vectors):
             out[i][v] = vector
             cache.put(images[i].sha256, v, vector)
@@ -446,7 +458,7 @@ def train_head(name: str, positives: Sequence[ImageSource] | str | os.PathLike,
     labels = np.array([1] * len(pos) + [0] * len(neg))
     fold = fold_ids(labels, options.folds, options.seed)
     k = int(fold.max()) + 1
-    cache = FeatureCache(options.cache_dir, backbone)
+    cache = FeatureCache(options.cache_dir, backbone, options.pooling)
     variants = 1 + (options.copies if options.augment else 0)
     # Every image is in training for all folds but its own, so every image gets its augmented copies;
     # an image is scored out of fold as it is (variant 0).
@@ -461,7 +473,7 @@ def train_head(name: str, positives: Sequence[ImageSource] | str | os.PathLike,
         x = feats[train].reshape(-1, feats.shape[-1])
         y = np.repeat(labels[train], variants)
         tensors = _fit(x, y, options)
-        model = make_head(name, program or name, kind, tensors, backbone.spec, threshold=0.5)
+        model = make_head(name, program or name, kind, tensors, backbone.spec, threshold=0.5, pooling=options.pooling)
         if f < k:
             oof[~train] = model.scores(feats[~train, 0])
     threshold = pick_threshold(oof[labels == 1], oof[labels == 0], options.target_far, options.threshold_position)
@@ -483,5 +495,5 @@ def register(subparsers) -> None:
     train_command.register(subparsers)
 
 
-__all__ = ["FeatureCache", "read_images", "TrainOptions", "TrainResult", "TrainingError", "augment", "evaluate", "features",
+__all__ = ["DEFAULT_POOLING", "FeatureCache", "read_images", "TrainOptions", "TrainResult", "TrainingError", "augment", "evaluate", "features",
            "fold_ids", "list_images", "pick_threshold", "train_head"]
