@@ -7,6 +7,9 @@ every other program's. The whitelist check allows two programs; a frame alerts w
 scores at or above its threshold (per frame, without the server's smoothing over recent frames):
 an alert on an allowed program's frame is a false alert, no alert on another program's frame is a miss.
 
+Frames are judged as the server gets them: scaled to --client-width (default: the server's --client-max-width)
+by the student page, JPEG-encoded, decoded by DCT scaling to the model input.
+
 Usage: PYTHONPATH=. .venv/bin/python benchmarks/heads.py [--heldout data/screens-heldout] [--allow geany,mupdf]
 Prints JSON and writes it to benchmarks/results/heads.json.
 """
@@ -25,8 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.machine import describe as describe_machine  # noqa: E402
+from proctor.config import Config  # noqa: E402
 from proctor.models.backbone import load_backbone  # noqa: E402
-from proctor.models.demo import demo_head_files  # noqa: E402
+from proctor.models.demo import DEMO_HEADS_DIR  # noqa: E402
 from proctor.models.heads import HeadStack, read_head_file  # noqa: E402
 from proctor.models.training import FeatureCache, read_images, evaluate, features, list_images  # noqa: E402
 
@@ -38,11 +42,15 @@ def main() -> int:
     parser.add_argument("--cache-dir", type=Path, default=Path("var/cache"))
     parser.add_argument("--backbone-weights", default="bundled")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/heads.json"))
+    parser.add_argument("--heads-dir", type=Path, default=DEMO_HEADS_DIR, help="head files to judge (default: the demo heads)")
+    parser.add_argument("--client-width", type=int, default=Config().client_max_width,
+                        help="frames are judged as the server gets them: scaled to this width by the student "
+                             "page, JPEG-encoded, DCT-decoded (default: the server's, %(default)s)")
     args = parser.parse_args()
 
-    heads = [read_head_file(p) for p in demo_head_files()]
+    heads = [read_head_file(p) for p in sorted(args.heads_dir.glob("*.safetensors"))]
     if not heads:
-        print("benchmarks/heads.py: no demo heads in proctor/models/demo_heads", file=sys.stderr)
+        print(f"benchmarks/heads.py: no head files in {args.heads_dir}", file=sys.stderr)
         return 2
     folders = sorted(p for p in args.heldout.iterdir() if p.is_dir()) if args.heldout.is_dir() else []
     if not folders:
@@ -65,7 +73,8 @@ def main() -> int:
     scores = np.zeros((len(images), len(heads)), np.float32)
     for pooling in sorted({h.pooling for h in heads}):
         columns = [j for j, h in enumerate(heads) if h.pooling == pooling]
-        cache = FeatureCache(args.cache_dir / "features", backbone, pooling)
+        cache = FeatureCache(args.cache_dir / "features", backbone, pooling, args.client_width,
+                             Config().client_jpeg_quality)
         feats = features(images, 1, backbone, cache)[:, 0]
         stack = HeadStack.build([heads[j] for j in columns])
         scores[:, columns] = stack.apply(torch.from_numpy(feats)).numpy()
@@ -102,6 +111,7 @@ def main() -> int:
     result = {"benchmark": "heads", "heldout": str(args.heldout), "heldout_resolutions": resolutions,
               "frames": len(images), "backbone": backbone.spec.source, "backbone_hash": backbone.weights_hash,
               "input": f"{backbone.spec.preprocessing.width}x{backbone.spec.preprocessing.height}",
+              "client_width": args.client_width,
               "poolings": sorted({h.pooling for h in heads}),
               "feature_seconds": round(feature_s, 2), "heads": per_head, "whitelist": whitelist,
               "min_balanced_accuracy": min((h.get("balanced_accuracy", 0.0) for h in per_head.values()), default=0.0),

@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default=None,
                    help=f"folder of screenshots, searched recursively (default {DEFAULT_IMAGES})")
     p.add_argument("--pool", type=int, default=48, help="distinct pre-encoded screens (default %(default)s)")
-    p.add_argument("--max-width", type=int, default=1280,
+    p.add_argument("--max-width", type=int, default=640,
                    help="frame width, like the browser with the server's default (default %(default)s)")
     p.add_argument("--evidence-max-width", type=int, default=1280,
                    help="width of the copy sent when the server asks for an alert's evidence; the captured "

@@ -9,6 +9,7 @@ which publishes "heads", so every node loads it without a restart.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import os
@@ -119,11 +120,13 @@ class TrainingJobs:
     """At most one training job runs at a time, in its own worker thread; jobs are kept in memory."""
 
     def __init__(self, store: Store, backbone: Callable[[], Any], cache_dir: Path | None,
-                 settings: TrainingSettings | None = None) -> None:
+                 settings: TrainingSettings | None = None, served: tuple[int, float] | None = None) -> None:
         self.store = store
         self._backbone = backbone  # returns the Backbone new heads are trained on, or None
         self.cache_dir = cache_dir
         self.settings = settings or TrainingSettings()
+        # (client width, JPEG quality) this server's frames come at: new heads are trained on such frames.
+        self.served = served
         self.jobs: dict[str, Job] = {}
         self._task: asyncio.Task | None = None
         self._cancel = threading.Event()
@@ -219,6 +222,8 @@ class TrainingJobs:
         from proctor.models.training import TrainingError, TrainOptions, train_head
 
         options = self.settings.options or TrainOptions()
+        if self.served is not None:
+            options = dataclasses.replace(options, client_width=self.served[0], client_quality=self.served[1])
         if self.cache_dir is not None:
             options = _with_cache(options, self.cache_dir)
 
@@ -313,8 +318,6 @@ def _lower_priority() -> None:
 
 
 def _with_cache(options: Any, cache_dir: Path) -> Any:
-    import dataclasses
-
     return options if options.cache_dir else dataclasses.replace(options, cache_dir=cache_dir)
 
 
@@ -341,7 +344,9 @@ async def training_ctx(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx resource: the job runner, closed (job cancelled, thread joined) at shutdown."""
     settings = app.get(TRAINING_SETTINGS_KEY) or TrainingSettings()
     cache = Path(app[CONFIG_KEY].data_dir) / "cache" / "features"
-    jobs = TrainingJobs(app[STORE_KEY], _default_backbone(app), cache, settings)
+    config = app[CONFIG_KEY]
+    jobs = TrainingJobs(app[STORE_KEY], _default_backbone(app), cache, settings,
+                        served=(config.client_max_width, config.client_jpeg_quality))
     app[TRAINING_KEY] = jobs
     try:
         yield

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from proctor import cli
+from proctor.batching import decode
 from proctor.models import training
 from proctor.models.backbone import load_backbone, random_backbone
 from proctor.models.demo import demo_head_files, register_demo_heads
@@ -207,6 +208,30 @@ def test_bad_options_are_refused(tiny):
     for pooling in ("max", "flatten"):
         with pytest.raises(TrainingError, match=f"invalid pooling '{pooling}': expected one of avg, avg_max2x2"):
             train_head("x", [b"a"], [b"b"], tiny, options=TrainOptions(pooling=pooling))
+    with pytest.raises(TrainingError, match="invalid client width 100"):
+        train_head("x", [b"a"], [b"b"], tiny, options=TrainOptions(client_width=100))
+    with pytest.raises(TrainingError, match="invalid client JPEG quality 0"):
+        train_head("x", [b"a"], [b"b"], tiny, options=TrainOptions(client_quality=0))
+
+
+def test_features_are_made_from_frames_as_the_server_gets_them(tiny, tmp_path, monkeypatch):
+    screen = [_png((200, 30, 30), size=(1280, 720), stripe=True)]
+    images = training.read_images(screen)
+    seen = []
+    real = tiny.extract
+    monkeypatch.setattr(tiny, "extract", lambda frames, **kw: seen.extend(frames) or real(frames, **kw))
+    by_width = {}
+    for width in (640, 1280):
+        cache = training.FeatureCache(tmp_path / "cache", tiny, client_width=width)
+        by_width[width] = training.features(images, 1, tiny, cache)[0, 0]
+    # The backbone got the served pixels: the page's JPEG decoded by DCT scaling to the input size.
+    pixels = np.asarray(Image.open(io.BytesIO(screen[0])).convert("RGB"))
+    size = (SMALL.width, SMALL.height)
+    np.testing.assert_array_equal(seen[0], decode.served_frame(pixels, size, 640, training.TrainOptions.client_quality))
+    np.testing.assert_array_equal(seen[1], decode.served_frame(pixels, size, 1280, training.TrainOptions.client_quality))
+    assert not np.array_equal(seen[0], seen[1])
+    # Each width keeps its own cached features.
+    assert len([d for d in (tmp_path / "cache").iterdir() if d.is_dir()]) == 2
 
 
 def test_pooling_option_sets_the_heads_input_and_its_own_cache(tiny, tmp_path):

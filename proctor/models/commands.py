@@ -152,6 +152,7 @@ def _read_image(path: Path) -> np.ndarray:
 
 
 def _classify(args: argparse.Namespace) -> int:
+    from proctor.batching.decode import served_frame
     from proctor.models.engine import EngineError
 
     config = _config(args)
@@ -182,7 +183,10 @@ def _classify(args: argparse.Namespace) -> int:
     for start in range(0, len(images), config.max_batch):
         paths = images[start:start + config.max_batch]
         try:
-            scores = engine.classify([_read_image(p) for p in paths])
+            # Each image as the server would get it from a student page (width, JPEG, DCT-scaled decode).
+            frames = [served_frame(_read_image(p), engine.frame_size, config.client_max_width,
+                                   config.client_jpeg_quality) for p in paths]
+            scores = engine.classify(frames)
         except ValueError as exc:
             raise CommandError(str(exc)) from None
         for i, path in enumerate(paths):

@@ -31,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pooling", default=None,
                    help="how the backbone's feature map becomes the head's input: avg_max2x2 (default; the "
                         "global average plus the maxima of a 2x2 grid) or avg (the global average only)")
+    p.add_argument("--client-width", type=int, default=None,
+                   help="width of the frames the heads will be served (the server's --client-max-width; "
+                        "default: the server's configuration)")
     p.add_argument("--no-augment", action="store_true", help="train on the screenshots as they are")
     p.add_argument("--seed", type=int, default=0, help="seed of the cross-validation folds and augmentation")
     p.add_argument("--backbone-weights", default=None,
@@ -53,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
     cache = Path(config.data_dir) / "cache"
     try:
         options = TrainOptions(mlp=args.mlp, target_far=args.target_far, augment=not args.no_augment,
-                               seed=args.seed, cache_dir=cache / "features", pooling=args.pooling or DEFAULT_POOLING)
+                               seed=args.seed, cache_dir=cache / "features", pooling=args.pooling or DEFAULT_POOLING,
+                               client_width=args.client_width or config.client_max_width,
+                               client_quality=config.client_jpeg_quality)
         options.check()
         backbone = load_backbone(config.backbone_weights, cache)
         result = train_head(args.name, args.positives, args.negatives, backbone, program=args.program,

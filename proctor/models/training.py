@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
+from proctor.batching.decode import served_frame
+from proctor.config import Config
 from proctor.models.backbone import POOLINGS, Backbone, preprocessing_to_dict
 from proctor.models.heads import Head, make_head
 
@@ -76,6 +78,10 @@ class TrainOptions:
     # L2 penalty on the standardised-feature weights.
     l2: float = 1.0
     cache_dir: str | os.PathLike | None = None
+    # Heads see every screenshot as the server will see it: scaled to the width student pages send
+    # (--client-max-width), JPEG-encoded at their quality and decoded by DCT scaling.
+    client_width: int = Config.client_max_width
+    client_quality: float = Config.client_jpeg_quality
     # Where the threshold sits between the highest negative (0) and the lowest passing positive (1), in logits;
     # nearer the negatives, because screens of new sizes score lower than the validation positives did.
     threshold_position: float = 0.25
@@ -91,6 +97,10 @@ class TrainOptions:
             raise TrainingError(f"invalid threshold position {self.threshold_position!r}: must be in [0, 1]")
         if not 1 <= self.hidden <= 4096:
             raise TrainingError(f"invalid hidden size {self.hidden!r}: must be 1..4096")
+        if not 160 <= self.client_width <= 7680:
+            raise TrainingError(f"invalid client width {self.client_width!r}: must be 160..7680")
+        if not 0.1 <= self.client_quality <= 1.0:
+            raise TrainingError(f"invalid client JPEG quality {self.client_quality!r}: must be 0.1..1")
         if self.pooling not in POOLINGS or self.pooling == "flatten":
             # flatten is for imported Keras heads: its features grow with the input size and overfit.
             raise TrainingError(f"invalid pooling {self.pooling!r}: expected one of "
@@ -243,14 +253,18 @@ def augment(img: Image.Image, seed: int) -> Image.Image:
 
 
 class FeatureCache:
-    """Feature vectors on disk, one .npy per (image sha256, variant), under a key of backbone + input + pooling +
-    augmentation."""
+    """Feature vectors on disk, one .npy per (image sha256, variant), under a key of everything that makes one:
+    backbone, input, pooling, augmentation, and the width and JPEG quality frames are served at."""
 
-    def __init__(self, directory: str | os.PathLike | None, backbone: Backbone, pooling: str | None = None):
+    def __init__(self, directory: str | os.PathLike | None, backbone: Backbone, pooling: str | None = None,
+                 client_width: int = Config.client_max_width, client_quality: float = Config.client_jpeg_quality):
         spec = backbone.spec
         self.pooling = pooling or spec.pooling
+        self.frame_size = (spec.preprocessing.width, spec.preprocessing.height)
+        self.client_width = client_width
+        self.client_quality = client_quality
         key = repr((spec.weights_hash, sorted(preprocessing_to_dict(spec.preprocessing).items()), self.pooling,
-                    AUGMENT_VERSION))
+                    AUGMENT_VERSION, client_width, client_quality))
         self.key = hashlib.sha256(key.encode()).hexdigest()[:24]
         self.directory = Path(directory) / self.key if directory else None
 
@@ -287,7 +301,10 @@ def _variant_seed(sha: str, variant: int) -> int:
 
 def features(images: Sequence[_Image], variants: int, backbone: Backbone, cache: FeatureCache,
              progress: Progress | None = None, batch_size: int = 16) -> np.ndarray:
-    """Features [len(images), variants, F] (cache.pooling): variant 0 is the image itself, the others augmented."""
+    """Features [len(images), variants, F] (cache.pooling): variant 0 is the image itself, the others augmented.
+
+    Each image goes to the backbone as the live path would serve it (cache.client_width / client_quality).
+    """
     out: list[list[np.ndarray | None]] = [[cache.get(im.sha256, v) for v in range(variants)] for im in images]
     todo = [(i, v) for i in range(len(images)) for v in range(variants) if out[i][v] is None]
     total = len(images) * variants
@@ -303,7 +320,7 @@ def features(images: Sequence[_Image], variants: int, backbone: Backbone, cache:
                 decoded.clear()  # a chunk walks one image's variants in order: keep only the current one
                 decoded[i] = decode(images[i])
             img = decoded[i] if v == 0 else augment(decoded[i], _variant_seed(images[i].sha256, v))
-            frames.append(np.asarray(img))
+            frames.append(served_frame(np.asarray(img), cache.frame_size, cache.client_width, cache.client_quality))
         vectors = backbone.extract(frames, pooling=cache.pooling, batch_size=batch_size)
         for (i, v), vector in zip(chunk, vectors):
             out[i][v] = vector
@@ -458,7 +475,7 @@ def train_head(name: str, positives: Sequence[ImageSource] | str | os.PathLike,
     labels = np.array([1] * len(pos) + [0] * len(neg))
     fold = fold_ids(labels, options.folds, options.seed)
     k = int(fold.max()) + 1
-    cache = FeatureCache(options.cache_dir, backbone, options.pooling)
+    cache = FeatureCache(options.cache_dir, backbone, options.pooling, options.client_width, options.client_quality)
     variants = 1 + (options.copies if options.augment else 0)
     # Every image is in training for all folds but its own, so every image gets its augmented copies;
     # an image is scored out of fold as it is (variant 0).

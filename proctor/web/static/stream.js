@@ -65,7 +65,7 @@ export class ScreenStreamer {
     this.video.muted = true;
     this.video.playsInline = true;
     this.canvas = document.createElement("canvas");
-    this.config = { fps: 0.5, max_width: 1280, evidence_max_width: 1920, jpeg_quality: 0.7, heartbeat_s: 5 };
+    this.config = { fps: 0.5, max_width: 640, evidence_max_width: 1920, jpeg_quality: 0.7, heartbeat_s: 5 };
     this.seq = 0;
     this.stats = { framesSent: 0, bytesSent: 0, framesSkipped: 0, verdicts: 0, reconnects: 0, lastError: null,
       evidenceSent: 0, evidenceMissing: 0 };
@@ -279,7 +279,7 @@ export class ScreenStreamer {
     if (ws.bufferedAmount > MAX_BUFFERED_BYTES) { this.stats.framesSkipped += 1; return false; }
     this._encoding = true;
     try {
-      const [w, h] = scaledSize(this.video.videoWidth, this.video.videoHeight, Number(this.config.max_width) || 1280);
+      const [w, h] = scaledSize(this.video.videoWidth, this.video.videoHeight, Number(this.config.max_width) || 640);
       if (this.canvas.width !== w) this.canvas.width = w;
       if (this.canvas.height !== h) this.canvas.height = h;
       const ctx = this.canvas.getContext("2d", { alpha: false });
