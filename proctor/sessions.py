@@ -46,6 +46,10 @@ _CONTROL_BURST = 10.0
 STALE_AFTER_S = 3 * HEARTBEAT_S
 # How long the full-size evidence of an alert's frame is awaited after asking the student's page for it.
 EVIDENCE_WAIT_S = 15.0
+# The full-size copy must show the screen that was classified: its change-detection thumbnail may differ
+# from the classified frame's by at most this mean grey level. 640- and 1920-wide copies of the captured
+# screens differ by 1.1 at most; another screen (a cheating page's innocent picture) by far more.
+EVIDENCE_MATCH = 4.0
 
 PresenceState = str  # "live" | "stale" | "disconnected" | "not_sharing"
 
@@ -314,6 +318,7 @@ class _EvidenceWanted:
     seq: int
     width: int
     deadline: float
+    thumb: np.ndarray | None  # the classified frame's change-detection thumbnail, to check the copy against
 
 
 @dataclass
@@ -541,7 +546,9 @@ class StreamSession:
             return
         change = self.tracker.update(verdict)
         if change == "opened":
-            await self._open_alert(verdict, jpeg, seq, width, decoded.pixels if decoded is not None else None)
+            # An unchanged frame was not decoded: it shows the screen of the last classified one.
+            thumb = decoded.thumb if decoded is not None else self._last_thumb
+            await self._open_alert(verdict, jpeg, seq, width, thumb, decoded.pixels if decoded is not None else None)
         elif change == "closed":
             self._close_alert()
         status = "alert" if self.tracker.is_open else ("ok" if verdict.ok else "suspicious")
@@ -620,7 +627,7 @@ class StreamSession:
     # alerts ----------------------------------------------------------------------------------
 
     async def _open_alert(self, verdict: FrameVerdict, jpeg: bytes, seq: int, width: int,
-                          pixels: np.ndarray | None = None) -> None:
+                          frame_thumb: np.ndarray | None, pixels: np.ndarray | None = None) -> None:
         ctx = self.ctx
         kind = verdict.reason or "unrecognised"
         ctx.metrics.alerts.labels(kind).inc()
@@ -637,7 +644,8 @@ class StreamSession:
         ctx.write(write_alert, f"alert {alert.id}")
         if width < ctx.config.evidence_max_width:
             # The frame was classified small; the page still holds it at full size: ask for that copy.
-            self._evidence_wanted = _EvidenceWanted(alert.id, seq, width, self._loop.time() + EVIDENCE_WAIT_S)
+            self._evidence_wanted = _EvidenceWanted(alert.id, seq, width, self._loop.time() + EVIDENCE_WAIT_S,
+                                                    frame_thumb)
             self._outbox.send({"type": "evidence_request", "seq": seq})
         thumb = await alert_thumbnail(alert.evidence, ctx.decode_executor, pixels)
         ctx.hub.alert_opened(self.exam.id, self.user, alert_message(alert, self.user, thumb))
@@ -657,16 +665,26 @@ class StreamSession:
                          f"{wanted.width}-pixel frame it would replace", seq)
             return
         self._evidence_wanted = None
-        self._spawn(self._store_evidence(wanted.alert_id, seq, jpeg))
+        self._spawn(self._store_evidence(wanted, jpeg))
 
-    async def _store_evidence(self, alert_id: str, seq: int, jpeg: bytes) -> None:
+    async def _store_evidence(self, wanted: _EvidenceWanted, jpeg: bytes) -> None:
         try:
             # Decoding at 1/8 scale reads every byte of the body: a corrupt one is refused, never stored.
-            await self._loop.run_in_executor(self.ctx.decode_executor, decode.thumbnail, jpeg)
+            thumb = await self._loop.run_in_executor(self.ctx.decode_executor, decode.thumbnail, jpeg)
         except decode.DecodeError as exc:
-            self._drop("bad_jpeg", protocol.E_BAD_JPEG, f"evidence: {exc}", seq, strike=True)
+            self._drop("bad_jpeg", protocol.E_BAD_JPEG, f"evidence: {exc}", wanted.seq, strike=True)
             return
+        if wanted.thumb is not None:
+            distance = decode.thumbnail_distance(thumb, wanted.thumb)
+            if distance > EVIDENCE_MATCH:
+                # The page controls this copy: it must not swap the evidence for another picture.
+                logger.warning("refused evidence of alert %s from %s: it differs from the classified frame by "
+                               "%.1f grey levels", wanted.alert_id, self.user.username, distance)
+                self._strike(protocol.E_UNEXPECTED_EVIDENCE, f"evidence does not show frame {wanted.seq} (mean "
+                             f"difference {distance:.1f} grey levels, at most {EVIDENCE_MATCH:g})", wanted.seq)
+                return
         store = self.ctx.store
+        alert_id = wanted.alert_id
         self.ctx.write(lambda: store.set_alert_evidence(alert_id, jpeg), f"full-size evidence of alert {alert_id}")
 
     def _close_alert(self) -> None:

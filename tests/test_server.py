@@ -255,6 +255,24 @@ async def test_evidence_that_was_not_asked_for_or_is_bad_is_refused(server, hall
     await bob.close()
 
 
+async def test_evidence_showing_another_screen_is_refused(server, hall, store):
+    """The page controls the full-size copy: a cheating one must not swap the evidence for an innocent picture."""
+    client = await server(evidence_max_width=1920, max_frame_bytes=2_000_000)
+    bob = await connect_student(client, hall["b"], hall["exam"])
+    seen = []
+    for seq in (1, 2):
+        await send_frame(bob, seq, screen("blue", 640, 360, seed=seq))
+        seen += await messages_until_verdict(bob, seq)
+    assert [m["seq"] for m in evidence_requests(seen)] == [2]
+    await send_evidence(bob, 2, screen("green", 1920, 1080, seed=2))  # the allowed editor, not frame 2
+    error = await answer_for(bob, 2)
+    assert error["code"] == protocol.E_UNEXPECTED_EVIDENCE and "does not show frame 2" in error["message"]
+    (alert,) = await stored_alerts(store, hall["exam"].id)
+    await asyncio.sleep(0.2)  # a wrongly accepted copy would be written by now
+    assert (await store.get_alert(alert.id)).evidence == screen("blue", 640, 360, seed=2)
+    await bob.close()
+
+
 async def test_frames_as_wide_as_the_evidence_ask_for_nothing(server, hall, store):
     client = await server(evidence_max_width=1280)
     bob = await connect_student(client, hall["b"], hall["exam"])
