@@ -84,6 +84,7 @@ async def test_teacher_records_frames_and_bad_ones_are_refused(client, store, us
     ws = await client.ws_connect("/ws/samples?label=redapp", headers={"Origin": origin(client)})
     config = await ws.receive_json(timeout=5)
     assert config["type"] == "config" and config["count"] == 0 and config["fps"] == samples.RECORD_FPS
+    assert config["evidence_max_width"] == 0  # the page keeps no full-size frames while recording
     for seq in range(3):
         await ws.send_bytes(protocol.pack_frame(seq, 0.0, tiny("red", seq)))
         assert await answer(ws, seq) == {"type": "sample", "seq": seq, "count": seq + 1, "stored": True}

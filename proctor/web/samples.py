@@ -84,8 +84,9 @@ class _Recorder:
 
     async def run(self) -> None:
         config = self.app[CONFIG_KEY]
+        # evidence_max_width 0: recording never asks for full-size copies, so the page keeps none.
         await self.send({"type": "config", "fps": RECORD_FPS, "max_width": config.client_max_width,
-                         "jpeg_quality": config.client_jpeg_quality, "heartbeat_s": 5,
+                         "evidence_max_width": 0, "jpeg_quality": config.client_jpeg_quality, "heartbeat_s": 5,
                          "label": self.label, "count": self.count, "limit": MAX_SAMPLES_PER_LABEL})
         async for msg in self.ws:
             if msg.type == WSMsgType.BINARY:
