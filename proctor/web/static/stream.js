@@ -289,12 +289,14 @@ export class ScreenStreamer {
       const full = this.video.videoWidth > w && Number(this.config.evidence_max_width) > w
         ? await createImageBitmap(this.video) : null;
       ctx.drawImage(full || this.video, 0, 0, w, h);
-      if (full) this._remember(seq, captureMs, full);
       const blob = await this._jpeg(this.canvas);
-      if (!blob) return false;
-      const jpeg = await blob.arrayBuffer();
-      if (ws.readyState !== WebSocket.OPEN) return false;
+      const jpeg = blob ? await blob.arrayBuffer() : null;
+      if (!jpeg || ws.readyState !== WebSocket.OPEN) {
+        if (full) full.close();
+        return false;
+      }
       this._sendBinary(ws, frameHeader(seq, captureMs), jpeg);
+      if (full) this._remember(seq, captureMs, full);
       this.seq = (seq + 1) >>> 0;
       this.stats.framesSent += 1;
       this.stats.bytesSent += HEADER_SIZE + jpeg.byteLength;
