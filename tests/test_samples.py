@@ -257,8 +257,10 @@ async def test_one_job_at_a_time_and_shutdown_cancels_it(aiohttp_client, tmp_pat
                                                           monkeypatch):
     started, release = threading.Event(), threading.Event()
     real = training.train_head
+    options_used = []
 
     def slow_train_head(*args, progress=None, **kwargs):
+        options_used.append(kwargs["options"])
         started.set()
         while not release.wait(0.01):
             progress("features", 0, 1)  # raises once the server shuts down
@@ -268,7 +270,8 @@ async def test_one_job_at_a_time_and_shutdown_cancels_it(aiohttp_client, tmp_pat
     for i in range(10):
         await store.add_sample("redapp", tiny("red", i), "recorded")
         await store.add_sample("other", tiny("green", i + 20), "recorded")
-    config = Config(database_url=f"sqlite:///{tmp_path}/test.db", data_dir=str(tmp_path))
+    config = Config(database_url=f"sqlite:///{tmp_path}/test.db", data_dir=str(tmp_path), client_max_width=800,
+                    client_jpeg_quality=0.6)
     app = create_app(config, store=store, classifier=engine)
     app[TRAINING_SETTINGS_KEY] = TrainingSettings(options=TrainOptions(copies=0), screens_dir=None)
     client = await aiohttp_client(app)
@@ -279,6 +282,8 @@ async def test_one_job_at_a_time_and_shutdown_cancels_it(aiohttp_client, tmp_pat
     assert sorted(r.status for r in both) == [202, 409]
     (job,) = [(await r.json())["job"] for r in both if r.status == 202]
     assert await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+    # The head learns from frames as this server gets them.
+    assert (options_used[0].client_width, options_used[0].client_quality, options_used[0].copies) == (800, 0.6, 0)
     again = await client.post("/api/samples/other/train", headers={"X-CSRF-Token": csrf})
     assert again.status == 409
     assert f"already running (head {job['label']!r}, job {job['id']})" in (await again.json())["error"]
