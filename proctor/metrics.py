@@ -6,8 +6,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 
 DROP_REASONS = ("oversize", "bad_jpeg", "rate_limited", "overloaded", "replaced")
 ALERT_KINDS = ("unrecognised", "forbidden_program")
+EVIDENCE_RESULTS = ("requested", "stored", "refused")
 
-# Decode of a 1280x720 JPEG at 1/4 DCT scale takes about a millisecond: buckets from 0.1 ms.
+# Decode of a 640x360 JPEG at 1/2 DCT scale takes about half a millisecond (1280x720 at 1/4: about one):
+# buckets from 0.1 ms.
 _DECODE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
 # Queue wait and frame latency: milliseconds up to tens of seconds under overload.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
@@ -57,6 +59,9 @@ class Metrics:
         self.gpu_memory_bytes = Gauge("proctor_gpu_memory_bytes",
                                       "GPU memory allocated by the engine (CUDA only).", registry=r)
         self.alerts = Counter("proctor_alerts", "Alert episodes opened, by kind.", ["kind"], registry=r)
+        self.evidence_copies = Counter("proctor_evidence_copies",
+                                       "Full-size copies of alert frames: asked of student pages, stored, refused.",
+                                       ["result"], registry=r)
         self.websocket_errors = Counter("proctor_websocket_errors",
                                         "Error messages and close codes sent on WebSockets, by code.",
                                         ["code"], registry=r)
@@ -70,3 +75,5 @@ class Metrics:
             self.frames_dropped.labels(reason)
         for kind in ALERT_KINDS:
             self.alerts.labels(kind)
+        for result in EVIDENCE_RESULTS:
+            self.evidence_copies.labels(result)

@@ -647,24 +647,29 @@ class StreamSession:
             self._evidence_wanted = _EvidenceWanted(alert.id, seq, width, self._loop.time() + EVIDENCE_WAIT_S,
                                                     frame_thumb)
             self._outbox.send({"type": "evidence_request", "seq": seq})
+            ctx.metrics.evidence_copies.labels("requested").inc()
         thumb = await alert_thumbnail(alert.evidence, ctx.decode_executor, pixels)
         ctx.hub.alert_opened(self.exam.id, self.user, alert_message(alert, self.user, thumb))
 
     def _on_evidence(self, seq: int, jpeg: bytes) -> None:
         """A full-size copy of an alert's frame, asked for by evidence_request: it becomes the alert's evidence."""
         wanted = self._evidence_wanted
+        refused = self.ctx.metrics.evidence_copies.labels("refused")
         if wanted is None or wanted.seq != seq or self._loop.time() > wanted.deadline:
+            refused.inc()
             self._strike(protocol.E_UNEXPECTED_EVIDENCE, f"no evidence was asked for frame {seq} (or it came "
                          f"more than {EVIDENCE_WAIT_S:g} s late)", seq)
             return
+        self._evidence_wanted = None  # one answer per request, good or bad: no probing for the limits
         width = self._checked_width(jpeg, seq)
         if width is None:
+            refused.inc()
             return
         if width < wanted.width:
+            refused.inc()
             self._strike(protocol.E_UNEXPECTED_EVIDENCE, f"evidence of {width} pixels wide is smaller than the "
                          f"{wanted.width}-pixel frame it would replace", seq)
             return
-        self._evidence_wanted = None
         self._spawn(self._store_evidence(wanted, jpeg))
 
     async def _store_evidence(self, wanted: _EvidenceWanted, jpeg: bytes) -> None:
@@ -672,7 +677,8 @@ class StreamSession:
             # Decoding at 1/8 scale reads every byte of the body: a corrupt one is refused, never stored.
             thumb = await self._loop.run_in_executor(self.ctx.decode_executor, decode.thumbnail, jpeg)
         except decode.DecodeError as exc:
-            self._drop("bad_jpeg", protocol.E_BAD_JPEG, f"evidence: {exc}", wanted.seq, strike=True)
+            self.ctx.metrics.evidence_copies.labels("refused").inc()
+            self._strike(protocol.E_BAD_JPEG, f"evidence: {exc}", wanted.seq)
             return
         if wanted.thumb is not None:
             distance = decode.thumbnail_distance(thumb, wanted.thumb)
@@ -680,12 +686,14 @@ class StreamSession:
                 # The page controls this copy: it must not swap the evidence for another picture.
                 logger.warning("refused evidence of alert %s from %s: it differs from the classified frame by "
                                "%.1f grey levels", wanted.alert_id, self.user.username, distance)
+                self.ctx.metrics.evidence_copies.labels("refused").inc()
                 self._strike(protocol.E_UNEXPECTED_EVIDENCE, f"evidence does not show frame {wanted.seq} (mean "
                              f"difference {distance:.1f} grey levels, at most {EVIDENCE_MATCH:g})", wanted.seq)
                 return
         store = self.ctx.store
         alert_id = wanted.alert_id
         self.ctx.write(lambda: store.set_alert_evidence(alert_id, jpeg), f"full-size evidence of alert {alert_id}")
+        self.ctx.metrics.evidence_copies.labels("stored").inc()
 
     def _close_alert(self) -> None:
         alert_id, self._alert_id = self._alert_id, None

@@ -222,6 +222,8 @@ async def test_alert_asks_for_its_frame_at_full_size_and_stores_that_as_evidence
             break
         await asyncio.sleep(0.05)
     assert (await store.get_alert(alert.id)).evidence == full
+    metrics = await (await client.get("/metrics")).text()
+    assert evidence_counts(metrics) == {"requested": 1.0, "stored": 1.0, "refused": 0.0}
     # One request, one answer: the same evidence again is refused and the stream goes on.
     await send_evidence(bob, 1, full)
     error = await next_of(bob, "error")
@@ -231,27 +233,48 @@ async def test_alert_asks_for_its_frame_at_full_size_and_stores_that_as_evidence
     await bob.close()
 
 
+async def alert_on(ws, seqs, colour="blue"):
+    """Send narrow frames of `colour` until an alert opens; the seq the server asks evidence for."""
+    seen = []
+    for seq in seqs:
+        await send_frame(ws, seq, screen(colour, 640, 360, seed=seq))
+        seen += await messages_until_verdict(ws, seq)
+    (request,) = evidence_requests(seen)
+    return request["seq"]
+
+
+def evidence_counts(metrics_text):
+    return {result: float(line.rsplit(" ", 1)[1]) for result in ("requested", "stored", "refused")
+            for line in metrics_text.splitlines()
+            if line.startswith(f'proctor_evidence_copies_total{{result="{result}"}}')}
+
+
 async def test_evidence_that_was_not_asked_for_or_is_bad_is_refused(server, hall, store):
     client = await server(evidence_max_width=1920, max_frame_bytes=2_000_000)
     bob = await connect_student(client, hall["b"], hall["exam"])
     await send_evidence(bob, 0, screen("blue", 1920, 1080))  # no alert yet
     assert (await answer_for(bob, 0))["code"] == protocol.E_UNEXPECTED_EVIDENCE
-    seen = []
-    for seq in (1, 2):
-        await send_frame(bob, seq, screen("blue", 640, 360, seed=seq))
-        seen += await messages_until_verdict(bob, seq)
-    assert [m["seq"] for m in evidence_requests(seen)] == [2]
-    await send_evidence(bob, 1, screen("blue", 1920, 1080))  # not the frame asked for
+    assert await alert_on(bob, (1, 2)) == 2
+    await send_evidence(bob, 1, screen("blue", 1920, 1080))  # not the frame asked for: the request stays
     assert (await answer_for(bob, 1))["code"] == protocol.E_UNEXPECTED_EVIDENCE
     await send_evidence(bob, 2, screen("blue", 320, 180))  # smaller than the frame it would replace
     assert (await answer_for(bob, 2))["code"] == protocol.E_UNEXPECTED_EVIDENCE
     full = screen("blue", 1920, 1080, seed=2)
-    await send_evidence(bob, 2, full[:len(full) // 2])  # the header decodes, the body is cut short
-    assert (await answer_for(bob, 2))["code"] == protocol.E_BAD_JPEG
-    (alert,) = await stored_alerts(store, hall["exam"].id)
-    assert (await store.get_alert(alert.id)).evidence == screen("blue", 640, 360, seed=2)
+    await send_evidence(bob, 2, full)  # one answer per request: the good copy now comes too late
+    assert (await answer_for(bob, 2))["code"] == protocol.E_UNEXPECTED_EVIDENCE
+    # The allowed editor closes the episode; a new one asks again, and a cut-short body is refused.
+    await send_frame(bob, 3, screen("green", 640, 360, seed=3))
+    assert (await answer_for(bob, 3))["status"] == "ok"
+    assert await alert_on(bob, (4, 5)) == 5
+    full = screen("blue", 1920, 1080, seed=5)
+    await send_evidence(bob, 5, full[:len(full) // 2])  # the header decodes, the body is cut short
+    assert (await answer_for(bob, 5))["code"] == protocol.E_BAD_JPEG
+    alerts = await stored_alerts(store, hall["exam"].id, count=2)
+    assert [a.evidence for a in alerts] == [screen("blue", 640, 360, seed=s) for s in (2, 5)]
     await bob.send_bytes(bytes([protocol.PROTOCOL_VERSION, 0x80]) + bytes(14) + full)  # unknown flag
     assert (await next_of(bob, "error"))["code"] == protocol.E_BAD_HEADER
+    metrics = await (await client.get("/metrics")).text()
+    assert evidence_counts(metrics) == {"requested": 2.0, "stored": 0.0, "refused": 5.0}
     await bob.close()
 
 
