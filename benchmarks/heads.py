@@ -42,7 +42,8 @@ def main() -> int:
     parser.add_argument("--cache-dir", type=Path, default=Path("var/cache"))
     parser.add_argument("--backbone-weights", default="bundled")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/heads.json"))
-    parser.add_argument("--heads-dir", type=Path, default=DEMO_HEADS_DIR, help="head files to judge (default: the demo heads)")
+    parser.add_argument("--heads-dir", type=Path, default=DEMO_HEADS_DIR,
+                        help="head files to judge (default: the demo heads)")
     parser.add_argument("--client-width", type=int, default=Config().client_max_width,
                         help="frames are judged as the server gets them: scaled to this width by the student "
                              "page, JPEG-encoded, DCT-decoded (default: the server's, %(default)s)")

@@ -37,7 +37,7 @@ class Config:
     max_frame_pixels: int = 3840 * 2160
     client_fps: float = 0.5
     # Width of the frames students send to be classified. 640 decodes by DCT scaling at 1/2 straight to
-    # the model's 320x180: about a third of the CPU of 1280-wide frames at a third of the bytes on the
+    # the model's 320x180: a half to a third of the decode CPU of 1280-wide frames, a third of the bytes on the
     # hall's network. An alert asks the student's page for that frame again at up to evidence_max_width,
     # so the teacher's evidence stays readable whatever the classification width.
     client_max_width: int = 640
