@@ -188,13 +188,6 @@ def load_screens(directory: Path | None, count: int, max_width: int,
     return synthetic_screens(count, max_width, max_width * 9 // 16, seed), message, True
 
 
-def _encode(img: Any, quality: int) -> bytes:
-    import numpy as np
-    import simplejpeg
-
-    return simplejpeg.encode_jpeg(np.ascontiguousarray(np.asarray(img)), quality=quality, colorspace="RGB")
-
-
 @dataclasses.dataclass(frozen=True)
 class PoolFrame:
     """One pre-encoded screen: the frame to classify, and the same screen wider for an evidence_request."""
@@ -231,11 +224,12 @@ def build_pool(screens: Sequence[Any], size: int, quality: int, seed: int, min_c
             x, y = rng.randrange(0, img.width - w), rng.randrange(0, img.height - h)
             ImageDraw.Draw(img).rectangle((x, y, x + w, y + h), fill=tuple(rng.randrange(0, 256) for _ in range(3)))
         attempts += 1
-        narrower = frame_width is not None and img.width > frame_width
-        jpeg = page_jpeg(np.asarray(img), frame_width, quality / 100) if narrower else _encode(img, quality)
+        pixels = np.asarray(img)
+        jpeg = page_jpeg(pixels, frame_width or img.width, quality / 100)
         thumb = _thumbnail(jpeg)
         if all(float(abs(thumb - t).mean()) >= min_change for t in thumbs):
-            pool.append(PoolFrame(jpeg, _encode(img, quality) if narrower else None))
+            narrower = frame_width is not None and img.width > frame_width
+            pool.append(PoolFrame(jpeg, page_jpeg(pixels, img.width, quality / 100) if narrower else None))
             thumbs.append(thumb)
     if len(pool) < 2:
         raise LoadgenError(f"could not make 2 screens differing by {min_change} grey levels from "
