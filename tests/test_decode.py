@@ -103,3 +103,13 @@ def test_served_frame_is_what_the_server_decodes_from_the_page_s_jpeg():
     # A screen no wider than the client width is not scaled before encoding.
     small = decode.served_frame(screen[:360, :640], (320, 180), client_width=1280, quality=0.7)
     assert small.shape == (180, 320, 3)
+
+
+def test_page_jpeg_has_the_browsers_chroma_subsampling():
+    # Chromium's canvas.toBlob("image/jpeg") writes 4:2:0; frames standing for a page's must decode like them.
+    screen = np.random.default_rng(4).integers(0, 255, (720, 1280, 3), dtype=np.uint8)
+    height, width, colorspace, subsampling = simplejpeg.decode_jpeg_header(decode.page_jpeg(screen, 640, 0.7))
+    assert (width, height, colorspace, subsampling) == (640, 360, "YCbCr", "420")
+    # Kept as is when narrower than the client width.
+    assert simplejpeg.decode_jpeg_header(decode.page_jpeg(screen[:360, :640], 1280, 0.7))[:2] == (360, 640)
+
