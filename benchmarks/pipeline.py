@@ -2,9 +2,10 @@
 """Throughput of the frame path, in one process and one run (a script, not a test).
 
 Measures, on the same frames:
-  backbone_fps  the shared backbone alone on pre-decoded frames at --batch: the best of the server's
-                layout (one single-threaded batch per core at once) and one batch at a time on every
-                core (and, for comparison, every other runtime it can run);
+  backbone_fps  the shared backbone alone (with the pooling new heads are trained with) on pre-decoded
+                frames at --batch: the best of the server's layout (one single-threaded batch per core at
+                once) and one batch at a time on every core (and, for comparison, every other runtime it
+                can run);
   pipeline_fps  the whole path: JPEG decode + change-detection thumbnail (thread pool) + dynamic batcher + backbone + all heads
                 as one matmul + whitelist verdict per frame;
   naive_fps     how one-model-per-program servers work: decode, then one full eager-PyTorch
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 import threading
@@ -35,8 +37,10 @@ from benchmarks.machine import describe as describe_machine  # noqa: E402
 from proctor.batching import decode  # noqa: E402
 from proctor.batching.batcher import DynamicBatcher  # noqa: E402
 from proctor.config import Config  # noqa: E402
+from proctor.models.backbone import BackboneSpec, feature_dim  # noqa: E402
 from proctor.models.engine import Engine  # noqa: E402
 from proctor.models.heads import make_head  # noqa: E402
+from proctor.models.training import DEFAULT_POOLING  # noqa: E402
 from proctor.whitelist import Policy, judge  # noqa: E402
 
 
@@ -66,10 +70,15 @@ def load_frames(images: Path | None, count: int, width: int, quality: float) -> 
     return frames, source
 
 
+def served_spec(engine: Engine) -> BackboneSpec:
+    """The default backbone with the pooling new heads are trained with: the graph the server runs for them."""
+    return dataclasses.replace(engine.backbone, pooling=DEFAULT_POOLING)
+
+
 def make_heads(engine: Engine, count: int) -> None:
-    spec = engine.backbone
+    spec = served_spec(engine)
     rng = np.random.default_rng(1)
-    features = engine.features([np.zeros((spec.preprocessing.height, spec.preprocessing.width, 3), np.uint8)]).shape[1]
+    features = feature_dim(spec.preprocessing, spec.pooling)
     heads = [make_head(f"program{i}", f"Program {i}", "logistic",
                        {"weight": rng.normal(0, 0.05, (1, features)).astype(np.float32),
                         "bias": np.zeros(1, np.float32)}, spec)
@@ -79,13 +88,14 @@ def make_heads(engine: Engine, count: int) -> None:
 
 def time_backbone(engine: Engine, frames: list[np.ndarray], batch: int, seconds: float) -> float:
     """Frames/s of the backbone alone, with engine.workers threads each running batches back to back."""
-    engine.features(frames[:batch], batch_size=batch)  # warm-up (runtime build, allocator)
+    spec = served_spec(engine)
+    engine.features(frames[:batch], spec, batch_size=batch)  # warm-up (runtime build, allocator)
     done = [0] * engine.workers
     started = time.perf_counter()
 
     def work(worker: int) -> None:
         while time.perf_counter() - started < seconds:
-            engine.features(frames[:batch], batch_size=batch)
+            engine.features(frames[:batch], spec, batch_size=batch)
             done[worker] += batch
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(engine.workers)]
