@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import uuid
 
 import numpy as np
@@ -412,6 +413,57 @@ async def test_publish_reaches_subscribers(store):
         await store.publish("gossip", {})
     with pytest.raises(InvalidData, match="send ids, not data"):
         await store.publish("alert", {"blob": "x" * 5000})
+
+
+async def test_sqlite_notifications_cross_processes_through_the_table(tmp_path, monkeypatch):
+    """A command's process (nobody listens there) reaches the server's listeners; in-process ones stay direct."""
+    from proctor.storage import sqlite
+
+    monkeypatch.setattr(sqlite, "NOTIFY_POLL_S", 0.05)
+    url = f"sqlite:///{tmp_path}/n.db"
+    server, command = await open_store(url), await open_store(url)
+    await server.migrate()
+    got: asyncio.Queue = asyncio.Queue()
+
+    async def listener(channel, payload):
+        await got.put((channel, payload))
+
+    try:
+        await command.add_head(head("before"))  # published before the server listened: not replayed
+        await server.subscribe(listener)
+        await command.add_head(head("word"))
+        await command.set_head_active("word", False)
+        channel, payload = await asyncio.wait_for(got.get(), 10)
+        assert (channel, payload["name"], payload["active"]) == ("heads", "word", True)
+        assert payload["node"] == command.node_id
+        channel, payload = await asyncio.wait_for(got.get(), 10)
+        assert (channel, payload["name"], payload["active"]) == ("heads", "word", False)
+        # The server's own notifications go straight to its listeners, once, and not through the table.
+        await server.publish("presence", {"exam_id": 1, "student_id": 2, "state": "live"})
+        channel, payload = await asyncio.wait_for(got.get(), 10)
+        assert channel == "presence" and payload["node"] == server.node_id
+        await asyncio.sleep(0.3)
+        assert got.empty()
+        async with server._connection() as c:
+            assert [r["channel"] for r in await c.fetch("SELECT channel FROM notifications")] == ["heads"] * 3
+    finally:
+        await command.close()
+        await server.close()
+
+
+async def test_sqlite_notifications_older_than_an_hour_are_deleted(tmp_path):
+    store = await open_store(f"sqlite:///{tmp_path}/n.db")
+    await store.migrate()
+    try:
+        old = store._ts(utcnow() - dt.timedelta(hours=2))
+        async with store._connection() as c:
+            await c.execute("INSERT INTO notifications (channel, payload, at) VALUES ('heads', '{}', ?)", old)
+        await store.publish("heads", {"name": "word", "active": True})  # nobody listens: written
+        async with store._connection() as c:
+            rows = await c.fetch("SELECT payload FROM notifications")
+        assert [json.loads(r["payload"])["name"] for r in rows] == ["word"]
+    finally:
+        await store.close()
 
 
 # open_store ------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import shutil
 import ssl
@@ -150,6 +151,22 @@ async def test_deactivating_a_student_closes_their_open_stream(client, hall, sto
     assert await close_code(ws) == 4003
     await ws.close()
     assert await ws_status(client, f"/ws/exams/{hall.id}/stream", {"Origin": origin(client)}) in (401, 403)
+
+
+async def test_deactivating_a_student_from_the_command_line_closes_their_stream(client, hall, sqlite_url,
+                                                                                 monkeypatch, capsys):
+    # With SQLite the command runs in a process of its own: its notification crosses through the database.
+    from proctor import cli
+    from proctor.storage import sqlite
+
+    monkeypatch.setattr(sqlite, "NOTIFY_POLL_S", 0.05)
+    await login(client, "stud-in")
+    ws = await client.ws_connect(f"/ws/exams/{hall.id}/stream", headers={"Origin": origin(client)})
+    assert (await ws.receive_json(timeout=5))["type"] == "config"
+    code = await asyncio.to_thread(cli.main, ["users", "deactivate", "stud-in", "--database-url", sqlite_url])
+    assert code == 0, capsys.readouterr().err
+    assert await close_code(ws) == 4003
+    await ws.close()
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")

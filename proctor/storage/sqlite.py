@@ -1,4 +1,11 @@
-"""SqliteStore: the embedded default (one file, WAL mode, foreign keys on), for a single node."""
+"""SqliteStore: the embedded default (one file, WAL mode, foreign keys on), for a single node.
+
+One server process per file, but commands (`proctor heads add`, `proctor users deactivate`) run in
+processes of their own. SQLite has no LISTEN/NOTIFY, so notifications cross processes through the
+`notifications` table: a process where nobody listens (a command) writes what it publishes there, and a
+process that listens (the server) reads the new rows every NOTIFY_POLL_S. Inside one process they are
+dispatched directly.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +25,10 @@ from proctor.storage.sql import Connection, Row, SqlStore, load_migrations
 logger = logging.getLogger(__name__)
 
 _TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # fixed width, so text order is time order
+# How often a listening process looks for notifications other processes left in the table, and how long
+# rows are kept (a server that was down reads the state from the tables when it starts, not old rows).
+NOTIFY_POLL_S = 1.0
+NOTIFY_KEEP = dt.timedelta(hours=1)
 
 
 class _Conn:
@@ -49,6 +60,7 @@ class SqliteStore(SqlStore):
         # One connection for the whole process: the lock keeps one coroutine's transaction from
         # swallowing another's statements.
         self._lock = asyncio.Lock()
+        self._poller: asyncio.Task | None = None
 
     @classmethod
     async def open(cls, path: str | Path) -> "SqliteStore":
@@ -72,6 +84,10 @@ class SqliteStore(SqlStore):
 
     async def close(self) -> None:
         self._closed = True
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
+            self._poller = None
         await self._cancel_dispatch()
         async with self._lock:
             await self._db.close()
@@ -143,8 +159,44 @@ class SqliteStore(SqlStore):
             return {r["version"] for r in await c.fetch("SELECT version FROM schema_migrations")}
 
     async def _notify(self, channel: str, text: str) -> None:
-        # A single node: notifications stay in this process.
-        self._dispatch(channel, text)
+        if self._listeners:
+            self._dispatch(channel, text)
+            return
+        # Nobody here listens (a command's process): leave it for the server process.
+        now = dt.datetime.now(dt.timezone.utc)
+        async with self._transaction() as c:
+            await c.execute("INSERT INTO notifications (channel, payload, at) VALUES (?, ?, ?)",
+                            channel, text, self._ts(now))
+            await c.execute("DELETE FROM notifications WHERE at < ?", self._ts(now - NOTIFY_KEEP))
+
+    async def subscribe(self, listener: Any) -> None:
+        """Add a listener; the first one starts reading what other processes publish from now on."""
+        await super().subscribe(listener)
+        if self._poller is None:
+            async with self._connection() as c:
+                row = await c.fetchrow("SELECT COALESCE(MAX(id), 0) AS last FROM notifications")
+            last = int(row["last"]) if row is not None else 0
+            self._poller = asyncio.get_running_loop().create_task(self._poll_notifications(last))
+
+    async def _poll_notifications(self, last: int) -> None:
+        failing = False
+        while True:
+            await asyncio.sleep(NOTIFY_POLL_S)
+            try:
+                async with self._connection() as c:
+                    rows = await c.fetch("SELECT id, channel, payload FROM notifications WHERE id > ? ORDER BY id",
+                                         last)
+            except StoreError as exc:
+                if not failing:  # once per outage, not every second
+                    logger.warning("cannot read notifications from other processes (retrying): %s", exc)
+                failing = True
+                continue
+            if failing:
+                logger.warning("reading notifications from other processes again")
+                failing = False
+            for row in rows:
+                last = int(row["id"])
+                self._dispatch(row["channel"], row["payload"])
 
     async def _reclaim(self) -> None:
         # secure_delete zeroed the pages; the checkpoint moves them from the WAL into the file and
