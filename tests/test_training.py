@@ -70,7 +70,7 @@ def test_head_separates_heldout_screens_of_its_program(bundled, tmp_path):
     positives = _pick(SCREENS, program, 2)
     negatives = _pick(SCREENS, None, 1, exclude=program)
     result = train_head(program, positives, negatives, bundled,
-                        options=TrainOptions(copies=1, cache_dir=tmp_path / "features"))
+                        options=TrainOptions(copies=1, overlaps=1, cache_dir=tmp_path / "features"))
     head = result.head
     assert 0 < head.threshold < 1 and head.metrics["train_positives"] >= 3
 
@@ -302,7 +302,7 @@ def test_pooling_option_sets_the_heads_input_and_its_own_cache(tiny, tmp_path):
     neg = [_png((20, 30, 200)), _png((30, 40, 210)), _png((40, 20, 190))]
     heads = {}
     for pooling in ("avg", "avg_max2x2"):
-        options = TrainOptions(copies=1, cache_dir=tmp_path / "cache", pooling=pooling)
+        options = TrainOptions(copies=1, overlaps=0, cache_dir=tmp_path / "cache", pooling=pooling)
         heads[pooling] = train_head("red", pos, neg, tiny, options=options).head
     assert TrainOptions().pooling == training.DEFAULT_POOLING == "avg_max2x2"
     assert heads["avg"].feature_dim == 1280 and heads["avg_max2x2"].feature_dim == 6400

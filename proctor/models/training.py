@@ -5,7 +5,8 @@ server can run it in a worker thread and the `train-head` command can run it in 
 
 Screenshots of a program are augmented the way real student screens differ: the screen shrunk onto a
 desktop-like background at a random position, rescaled, re-compressed as JPEG at varied quality and
-partly covered by another window. Features of every (image, variant) are cached on disk under the
+partly covered by another window; with `overlaps`, also shown as a large window over another of the
+training screenshots, a real program left partly visible behind it. Features of every (image, variant) are cached on disk under the
 image's sha256 and the backbone's hash, so retraining or training another head on the same images
 only runs the backbone for new images.
 
@@ -78,8 +79,9 @@ class TrainOptions:
     # Augmented copies per training image (the original is always used too).
     copies: int = 8
     # Further copies per training image showing it as a window over ANOTHER training screenshot (`overlap`):
-    # real programs partly visible behind the labelled one, as in exam screens.
-    overlaps: int = 0
+    # real programs partly visible behind the labelled one, as in exam screens. 4 was chosen out of fold
+    # on the demo screenshots (benchmarks/augment_oof.py, README "Demo heads").
+    overlaps: int = 4
     # L2 penalty on the standardised-feature weights.
     l2: float = 1.0
     cache_dir: str | os.PathLike | None = None
