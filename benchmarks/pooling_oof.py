@@ -118,25 +118,39 @@ def cross_validate(feats: np.ndarray, programs: np.ndarray, seed: int) -> dict:
     return {"summary": summary, "heads": heads}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def oof_parser(doc: str, result: str) -> argparse.ArgumentParser:
+    """The options every out-of-fold benchmark on the training shots has."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path("data/screens"))
-    parser.add_argument("--poolings", default=DEFAULT_POOLINGS, help="comma-separated; parts joined by '+'")
     parser.add_argument("--seeds", default="0,1,2", help="fold seeds (train_head uses 0)")
     parser.add_argument("--cache-dir", type=Path, default=Path("var/cache"))
     parser.add_argument("--backbone-weights", default="bundled")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/pooling_oof.json"))
-    args = parser.parse_args()
-    folders = sorted(p for p in args.data.iterdir() if p.is_dir()) if args.data.is_dir() else []
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results") / result)
+    return parser
+
+
+def training_set(data: Path, script: str) -> tuple[list, list[str]]:
+    """The screenshots of every program folder of `data` and their programs; none (and a message) if < 2 folders."""
+    folders = sorted(p for p in data.iterdir() if p.is_dir()) if data.is_dir() else []
     if len(folders) < 2:
-        print(f"benchmarks/pooling_oof.py: {args.data}: needs at least two program folders", file=sys.stderr)
-        return 2
-    backbone = load_backbone(args.backbone_weights, args.cache_dir)
-    programs, images = [], []
+        print(f"{script}: {data}: needs at least two program folders", file=sys.stderr)
+        return [], []
+    images, programs = [], []
     for folder in folders:
         found = read_images(list_images(folder, "training"), "training")
         images += found
         programs += [folder.name] * len(found)
+    return images, programs
+
+
+def main() -> int:
+    parser = oof_parser(__doc__, "pooling_oof.json")
+    parser.add_argument("--poolings", default=DEFAULT_POOLINGS, help="comma-separated; parts joined by '+'")
+    args = parser.parse_args()
+    images, programs = training_set(args.data, "benchmarks/pooling_oof.py")
+    if not images:
+        return 2
+    backbone = load_backbone(args.backbone_weights, args.cache_dir)
     variants = 1 + TrainOptions().copies
     key = hashlib.sha256(repr((backbone.weights_hash, [im.sha256 for im in images], variants,
                                AUGMENT_VERSION)).encode()).hexdigest()[:16]

@@ -70,7 +70,7 @@ def test_head_separates_heldout_screens_of_its_program(bundled, tmp_path):
     positives = _pick(SCREENS, program, 2)
     negatives = _pick(SCREENS, None, 1, exclude=program)
     result = train_head(program, positives, negatives, bundled,
-                        options=TrainOptions(copies=1, cache_dir=tmp_path / "features"))
+                        options=TrainOptions(copies=1, overlaps=1, cache_dir=tmp_path / "features"))
     head = result.head
     assert 0 < head.threshold < 1 and head.metrics["train_positives"] >= 3
 
@@ -119,6 +119,67 @@ def test_augment_is_deterministic_and_varies_with_the_seed():
     a, b = training.augment(img, 7), training.augment(img, 7)
     assert np.array_equal(np.asarray(a), np.asarray(b))
     assert any(not np.array_equal(np.asarray(a), np.asarray(training.augment(img, s))) for s in range(8, 12))
+
+
+def test_overlap_puts_the_window_over_the_other_screen():
+    top, behind = Image.new("RGB", (320, 180), (230, 20, 20)), Image.new("RGB", (160, 90), (20, 20, 230))
+    a = np.asarray(training.overlap(top, behind, 3)).astype(int)
+    assert a.shape[1] <= 320 and a.shape[1] / a.shape[0] == pytest.approx(16 / 9, abs=0.02)
+    red = (a[..., 0] > 150) & (a[..., 2] < 100)
+    blue = (a[..., 2] > 150) & (a[..., 0] < 100)
+    # The labelled window covers at least a third of the screen; the real screen behind it stays visible.
+    assert red.mean() >= 0.3 and blue.mean() >= 0.03
+    assert np.array_equal(a, np.asarray(training.overlap(top, behind, 3)))
+    assert any(not np.array_equal(a, np.asarray(training.overlap(top, behind, s))) for s in range(4, 8))
+
+
+def test_backdrops_are_other_images_and_stable_when_images_are_added():
+    images = training.read_images([_png((i * 20, 10, 10)) for i in range(8)])
+    chosen = training.backdrops(images, 3)
+    assert chosen.shape == (8, 3) and all(chosen[i, j] != i for i in range(8) for j in range(3))
+    again = training.backdrops(images[::-1], 3)[::-1]
+    assert [[images[b].sha256 for b in row] for row in chosen] == \
+        [[images[::-1][b].sha256 for b in row] for row in again]  # depends on the images, not their order
+    more = images + training.read_images([_png((i * 20, 200, 10)) for i in range(4)])
+    grown = training.backdrops(more, 3)[:8]
+    # A choice changes only to one of the new images (rendezvous hashing): the other cached copies stay valid.
+    assert all(g == c or g >= 8 for g, c in zip(grown.ravel(), chosen.ravel()))
+    assert (grown == chosen).mean() >= 0.5
+    assert training.backdrops(images, 0).shape == (8, 0)
+
+
+def test_overlap_copies_are_cached_under_their_backdrop(tiny, tmp_path, monkeypatch):
+    images = training.read_images([_png((200, 30, 30), stripe=True), _png((20, 30, 200)), _png((30, 200, 30))])
+    cache = training.FeatureCache(tmp_path / "cache", tiny)
+    first = training.features(images, 2, tiny, cache, overlaps=2)
+    assert first.shape[:2] == (3, 4)
+    calls = []
+    real = tiny.extract
+    monkeypatch.setattr(tiny, "extract", lambda frames, **kw: calls.append(len(frames)) or real(frames, **kw))
+    np.testing.assert_array_equal(training.features(images, 2, tiny, cache, overlaps=2), first)
+    assert calls == []
+    # A new screenshot: its own 4 variants, plus the old copies whose backdrop it now is; nothing else.
+    more = images + training.read_images([_png((120, 120, 20))])
+    moved = int((training.backdrops(more, 2)[:3] == 3).sum())
+    training.features(more, 2, tiny, cache, overlaps=2)
+    assert sum(calls) == 4 + moved
+
+
+def test_no_training_copy_shows_an_out_of_fold_screenshot(tiny, monkeypatch):
+    pos = [_png((200, 30, 30), stripe=True), _png((210, 40, 20), stripe=True), _png((190, 20, 40), stripe=True)]
+    neg = [_png((20, 30, 200)), _png((30, 40, 210)), _png((40, 20, 190))]
+    rows = []
+    real = training._fit
+    monkeypatch.setattr(training, "_fit", lambda x, y, options: rows.append(len(x)) or real(x, y, options))
+    result = train_head("red", pos, neg, tiny, options=TrainOptions(copies=1, overlaps=2))
+    assert result.metrics["overlap_copies"] == 2
+    labels = np.array([1] * 3 + [0] * 3)
+    fold = training.fold_ids(labels, 4, 0)
+    behind = fold[training.backdrops(training.read_images(pos + neg), 2)]
+    # Per fold: the other folds' images, each as itself, 1 augmented copy, and the overlap copies whose
+    # backdrop is not in the scored fold; the shipped head gets every copy.
+    expected = [int(((fold != f) * (2 + (behind != f).sum(axis=1))).sum()) for f in range(3)] + [6 * 4]
+    assert rows == expected and sum(expected[:3]) < 3 * 4 * 4
 
 
 def test_folds_are_stratified_and_seeded():
@@ -203,6 +264,8 @@ def test_same_image_in_both_classes_is_refused(tiny):
 def test_bad_options_are_refused(tiny):
     with pytest.raises(TrainingError, match="target false-alarm rate 0.7"):
         train_head("x", [b"a"], [b"b"], tiny, options=TrainOptions(target_far=0.7))
+    with pytest.raises(TrainingError, match="invalid overlap copies 33"):
+        train_head("x", [b"a"], [b"b"], tiny, options=TrainOptions(overlaps=33))
     with pytest.raises(TrainingError, match="number of folds 1"):
         train_head("x", [b"a"], [b"b"], tiny, options=TrainOptions(folds=1))
     for pooling in ("max", "flatten"):
@@ -239,7 +302,7 @@ def test_pooling_option_sets_the_heads_input_and_its_own_cache(tiny, tmp_path):
     neg = [_png((20, 30, 200)), _png((30, 40, 210)), _png((40, 20, 190))]
     heads = {}
     for pooling in ("avg", "avg_max2x2"):
-        options = TrainOptions(copies=1, cache_dir=tmp_path / "cache", pooling=pooling)
+        options = TrainOptions(copies=1, overlaps=0, cache_dir=tmp_path / "cache", pooling=pooling)
         heads[pooling] = train_head("red", pos, neg, tiny, options=options).head
     assert TrainOptions().pooling == training.DEFAULT_POOLING == "avg_max2x2"
     assert heads["avg"].feature_dim == 1280 and heads["avg_max2x2"].feature_dim == 6400
@@ -272,9 +335,13 @@ def test_train_head_command(tmp_path, capsys, monkeypatch):
 
     code = cli.main(["train-head", "red", "--positives", str(pos), "--negatives", str(neg), "--out", str(out),
                      "--backbone-weights", str(weights), "--data-dir", str(tmp_path / "var"), "--pooling", "avg",
-                     "--target-far", "0.05"])
+                     "--target-far", "0.05", "--overlap-copies", "1"])
     assert code == 0 and read_head_file(out).pooling == "avg"
-    capsys.readouterr()
+    assert json.loads(capsys.readouterr().out)["overlap_copies"] == 1
+    code = cli.main(["train-head", "red", "--positives", str(pos), "--negatives", str(neg), "--overlap-copies", "40",
+                     "--backbone-weights", str(weights), "--data-dir", str(tmp_path / "var")])
+    err = capsys.readouterr().err
+    assert code == 2 and "invalid overlap copies 40" in err and "Traceback" not in err
     code = cli.main(["train-head", "red", "--positives", str(pos), "--negatives", str(neg), "--pooling", "gem",
                      "--backbone-weights", str(weights), "--data-dir", str(tmp_path / "var")])
     err = capsys.readouterr().err

@@ -35,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="width of the frames the heads will be served (the server's --client-max-width; "
                         "default: the server's configuration)")
     p.add_argument("--no-augment", action="store_true", help="train on the screenshots as they are")
+    p.add_argument("--overlap-copies", type=int, default=None,
+                   help="augmented copies per screenshot that show it as a window over another of the given "
+                        "screenshots (default: TrainOptions.overlaps, see README)")
     p.add_argument("--seed", type=int, default=0, help="seed of the cross-validation folds and augmentation")
     p.add_argument("--backbone-weights", default=None,
                    help="'bundled', 'imagenet' or a weights file (default: the server's configuration)")
@@ -55,8 +58,10 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or Path(f"{args.name}.safetensors")
     cache = Path(config.data_dir) / "cache"
     try:
+        overlaps = TrainOptions.overlaps if args.overlap_copies is None else args.overlap_copies
         options = TrainOptions(mlp=args.mlp, target_far=args.target_far, augment=not args.no_augment,
-                               seed=args.seed, cache_dir=cache / "features", pooling=args.pooling or DEFAULT_POOLING,
+                               overlaps=overlaps, seed=args.seed, cache_dir=cache / "features",
+                               pooling=args.pooling or DEFAULT_POOLING,
                                client_width=args.client_width or config.client_max_width,
                                client_quality=config.client_jpeg_quality)
         options.check()

@@ -5,7 +5,8 @@ server can run it in a worker thread and the `train-head` command can run it in 
 
 Screenshots of a program are augmented the way real student screens differ: the screen shrunk onto a
 desktop-like background at a random position, rescaled, re-compressed as JPEG at varied quality and
-partly covered by another window. Features of every (image, variant) are cached on disk under the
+partly covered by another window; with `overlaps`, also shown as a large window over another of the
+training screenshots, a real program left partly visible behind it. Features of every (image, variant) are cached on disk under the
 image's sha256 and the backbone's hash, so retraining or training another head on the same images
 only runs the backbone for new images.
 
@@ -48,6 +49,8 @@ Progress = Callable[[str, int, int], None]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # Bump when the augmentation changes, so cached features of the old augmentation are not reused.
 AUGMENT_VERSION = 2
+# Bump when the overlap augmentation (`overlap`) changes; part of those copies' cache file names.
+OVERLAP_VERSION = 2
 MAX_DECODE_PIXELS = 4096 * 4096
 # The pooling new heads are trained on: on the demo screenshots it cut the out-of-fold errors of global
 # average pooling by about half (benchmarks/pooling_oof.py, README "Demo heads").
@@ -75,6 +78,10 @@ class TrainOptions:
     augment: bool = True
     # Augmented copies per training image (the original is always used too).
     copies: int = 8
+    # Further copies per training image showing it as a window over ANOTHER training screenshot (`overlap`):
+    # real programs partly visible behind the labelled one, as in exam screens. 4 was chosen out of fold
+    # on the demo screenshots (benchmarks/augment_oof.py, README "Demo heads").
+    overlaps: int = 4
     # L2 penalty on the standardised-feature weights.
     l2: float = 1.0
     cache_dir: str | os.PathLike | None = None
@@ -93,6 +100,8 @@ class TrainOptions:
             raise TrainingError(f"invalid number of folds {self.folds!r}: must be 2..20")
         if not 0 <= self.copies <= 32:
             raise TrainingError(f"invalid augmented copies {self.copies!r}: must be 0..32")
+        if not 0 <= self.overlaps <= 32:
+            raise TrainingError(f"invalid overlap copies {self.overlaps!r}: must be 0..32")
         if not 0.0 <= self.threshold_position <= 1.0:
             raise TrainingError(f"invalid threshold position {self.threshold_position!r}: must be in [0, 1]")
         if not 1 <= self.hidden <= 4096:
@@ -238,15 +247,40 @@ def augment(img: Image.Image, seed: int) -> Image.Image:
         out = img.copy()
     if rng.random() < 0.4:
         _cover(rng, out)
+    return _degrade(rng, out)
+
+
+def _degrade(rng: random.Random, out: Image.Image) -> Image.Image:
+    """Maybe rescaled (a lower-resolution screen, scaled back by the server), always re-compressed as JPEG."""
     if rng.random() < 0.5:
-        # A lower-resolution screen or a smaller capture, scaled back by the server's resize.
         s = rng.uniform(0.45, 0.9)
-        out = out.resize((max(16, int(w * s)), max(16, int(h * s))), Image.BILINEAR)
+        out = out.resize((max(16, int(out.width * s)), max(16, int(out.height * s))), Image.BILINEAR)
     buf = io.BytesIO()
     out.save(buf, "JPEG", quality=rng.randint(35, 90))
     buf.seek(0)
     with Image.open(buf) as recompressed:
         return recompressed.convert("RGB")
+
+
+def overlap(img: Image.Image, behind: Image.Image, seed: int) -> Image.Image:
+    """`img` as a large window over another real screen `behind`, part of which stays visible (deterministic).
+
+    Real exam screens often show the allowed program over another one whose toolbar or sidebar stays in
+    view; a synthetic box (`_cover`) does not look like one. The label stays `img`'s program: the window
+    covers about half the screen or more and lies on top. The result has `img`'s aspect ratio.
+    """
+    rng = random.Random(seed)
+    w, h = img.size
+    out = behind.resize((w, h), Image.BILINEAR)
+    # The shot's own program may fill only part of it: the window keeps most of the shot, at most 30 %
+    # smaller than the screen, so the labelled program still shows more of the screen than the one behind.
+    cw, ch = int(w * rng.uniform(0.9, 1.0)), int(h * rng.uniform(0.9, 1.0))
+    cx, cy = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    s = rng.uniform(0.7, 0.92)
+    ww, wh = max(1, int(w * s)), max(1, int(h * min(0.97, s * rng.uniform(0.95, 1.05))))
+    window = img.crop((cx, cy, cx + cw, cy + ch)).resize((ww, wh), Image.BILINEAR)
+    out.paste(window, (rng.randint(0, w - ww), rng.randint(0, h - wh)))
+    return _degrade(rng, out)
 
 
 # --- features -----------------------------------------------------------------------------------------------
@@ -268,11 +302,11 @@ class FeatureCache:
         self.key = hashlib.sha256(key.encode()).hexdigest()[:24]
         self.directory = Path(directory) / self.key if directory else None
 
-    def _path(self, sha: str, variant: int) -> Path:
+    def _path(self, sha: str, variant: int | str) -> Path:
         assert self.directory is not None
         return self.directory / sha[:2] / f"{sha}-{variant}.npy"
 
-    def get(self, sha: str, variant: int) -> np.ndarray | None:
+    def get(self, sha: str, variant: int | str) -> np.ndarray | None:
         if self.directory is None:
             return None
         path = self._path(sha, variant)
@@ -284,7 +318,7 @@ class FeatureCache:
             logger.warning("ignoring the unreadable cached features %s: %s", path, exc)
             return None
 
-    def put(self, sha: str, variant: int, vector: np.ndarray) -> None:
+    def put(self, sha: str, variant: int | str, vector: np.ndarray) -> None:
         if self.directory is None:
             return
         path = self._path(sha, variant)
@@ -299,15 +333,51 @@ def _variant_seed(sha: str, variant: int) -> int:
     return int(sha[:12], 16) * 64 + variant
 
 
-def features(images: Sequence[_Image], variants: int, backbone: Backbone, cache: FeatureCache,
-             progress: Progress | None = None, batch_size: int = 16) -> np.ndarray:
-    """Features [len(images), variants, F] (cache.pooling): variant 0 is the image itself, the others augmented.
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a well-spread 64-bit hash of each uint64."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
 
-    Each image goes to the backbone as the live path would serve it (cache.client_width / client_quality).
+
+def backdrops(images: Sequence[_Image], overlaps: int) -> np.ndarray:
+    """For every image and overlap copy, the index of the other image shown behind it: [len(images), overlaps].
+
+    Rendezvous hashing on the images' sha256: each choice depends only on the image, the copy number and
+    the candidates, so adding or removing screenshots changes few choices (cached features stay valid
+    because a copy's cache entry is keyed by its backdrop too). An image never backs itself; a copy of
+    the same program may.
     """
-    out: list[list[np.ndarray | None]] = [[cache.get(im.sha256, v) for v in range(variants)] for im in images]
-    todo = [(i, v) for i in range(len(images)) for v in range(variants) if out[i][v] is None]
-    total = len(images) * variants
+    keys = np.array([int(im.sha256[:16], 16) for im in images], dtype=np.uint64)
+    out = np.zeros((len(images), overlaps), dtype=np.int64)
+    for i, key in enumerate(keys):
+        for j in range(overlaps):
+            with np.errstate(over="ignore"):
+                score = _mix(keys ^ _mix(np.uint64(key) + np.uint64(j + 1) * np.uint64(0x9E3779B97F4A7C15)))
+            score[keys == key] = np.iinfo(np.uint64).max  # never itself (nor a byte-identical copy)
+            out[i, j] = int(np.argmin(score)) if len(images) > 1 else i
+    return out
+
+
+def _overlap_variant(j: int, behind: _Image) -> str:
+    return f"o{OVERLAP_VERSION}.{j}-{behind.sha256[:16]}"
+
+
+def features(images: Sequence[_Image], variants: int, backbone: Backbone, cache: FeatureCache,
+             progress: Progress | None = None, batch_size: int = 16, overlaps: int = 0) -> np.ndarray:
+    """Features [len(images), variants + overlaps, F] (cache.pooling).
+
+    Variant 0 is the image itself, variants 1..variants-1 are `augment`ed copies, the last `overlaps`
+    are `overlap` copies over the screenshots `backdrops(images, overlaps)` names. Each image goes to the
+    backbone as the live path would serve it (cache.client_width / client_quality).
+    """
+    behind = backdrops(images, overlaps) if overlaps else np.zeros((len(images), 0), np.int64)
+    keys = [[*range(variants), *(_overlap_variant(j, images[b]) for j, b in enumerate(behind[i]))]
+            for i in range(len(images))]
+    out: list[list[np.ndarray | None]] = [[cache.get(im.sha256, k) for k in keys[i]] for i, im in enumerate(images)]
+    todo = [(i, v) for i in range(len(images)) for v in range(len(keys[i])) if out[i][v] is None]
+    total = len(images) * (variants + overlaps)
     done = total - len(todo)
     if progress:
         progress("features", done, total)
@@ -319,12 +389,18 @@ def features(images: Sequence[_Image], variants: int, backbone: Backbone, cache:
             if i not in decoded:
                 decoded.clear()  # a chunk walks one image's variants in order: keep only the current one
                 decoded[i] = decode(images[i])
-            img = decoded[i] if v == 0 else augment(decoded[i], _variant_seed(images[i].sha256, v))
+            if v == 0:
+                img = decoded[i]
+            elif v < variants:
+                img = augment(decoded[i], _variant_seed(images[i].sha256, v))
+            else:
+                b = int(behind[i, v - variants])
+                img = overlap(decoded[i], decode(images[b]), _variant_seed(images[i].sha256, v))
             frames.append(served_frame(np.asarray(img), cache.frame_size, cache.client_width, cache.client_quality))
         vectors = backbone.extract(frames, pooling=cache.pooling, batch_size=batch_size)
         for (i, v), vector in zip(chunk, vectors):
             out[i][v] = vector
-            cache.put(images[i].sha256, v, vector)
+            cache.put(images[i].sha256, keys[i][v], vector)
         done += len(chunk)
         if progress:
             progress("features", done, total)
@@ -477,9 +553,13 @@ def train_head(name: str, positives: Sequence[ImageSource] | str | os.PathLike,
     k = int(fold.max()) + 1
     cache = FeatureCache(options.cache_dir, backbone, options.pooling, options.client_width, options.client_quality)
     variants = 1 + (options.copies if options.augment else 0)
+    overlaps = options.overlaps if options.augment else 0
     # Every image is in training for all folds but its own, so every image gets its augmented copies;
     # an image is scored out of fold as it is (variant 0).
-    feats = features(images, variants, backbone, cache, progress)
+    feats = features(images, variants, backbone, cache, progress, overlaps=overlaps)
+    # The fold of the screenshot each copy shows (an overlap copy also shows its backdrop's).
+    shown = np.concatenate([np.repeat(fold[:, None], variants, axis=1), fold[backdrops(images, overlaps)]], axis=1)
+    copy_labels = np.repeat(labels[:, None], variants + overlaps, axis=1)
     kind = "mlp" if options.mlp else "logistic"
     oof = np.zeros(len(images), dtype=np.float32)
     for f in range(k + 1):
@@ -487,16 +567,17 @@ def train_head(name: str, positives: Sequence[ImageSource] | str | os.PathLike,
             progress("fit", f, k + 1)
         # Folds 0..k-1 give out-of-fold scores; the last pass fits the shipped head on everything.
         train = fold != f
-        x = feats[train].reshape(-1, feats.shape[-1])
-        y = np.repeat(labels[train], variants)
-        tensors = _fit(x, y, options)
+        # No training copy may show a screenshot that is scored out of fold, not even as a backdrop.
+        use = train[:, None] & (shown != f)
+        tensors = _fit(feats[use], copy_labels[use], options)
         model = make_head(name, program or name, kind, tensors, backbone.spec, threshold=0.5, pooling=options.pooling)
         if f < k:
             oof[~train] = model.scores(feats[~train, 0])
     threshold = pick_threshold(oof[labels == 1], oof[labels == 0], options.target_far, options.threshold_position)
     metrics = evaluate(oof, labels, threshold)
     metrics.update({"threshold": round(threshold, 6), "target_far": options.target_far, "kind": kind,
-                    "augmented_copies": variants - 1, "train_positives": len(pos), "train_negatives": len(neg),
+                    "augmented_copies": variants - 1, "overlap_copies": overlaps,
+                    "train_positives": len(pos), "train_negatives": len(neg),
                     "validation": f"out-of-fold, {k} folds", "folds": k, "seed": options.seed})
     if progress:
         progress("fit", k + 1, k + 1)
@@ -512,5 +593,5 @@ def register(subparsers) -> None:
     train_command.register(subparsers)
 
 
-__all__ = ["DEFAULT_POOLING", "FeatureCache", "read_images", "TrainOptions", "TrainResult", "TrainingError", "augment", "evaluate", "features",
-           "fold_ids", "list_images", "pick_threshold", "train_head"]
+__all__ = ["DEFAULT_POOLING", "FeatureCache", "read_images", "TrainOptions", "TrainResult", "TrainingError", "augment",
+           "backdrops", "evaluate", "features", "fold_ids", "list_images", "overlap", "pick_threshold", "train_head"]
