@@ -238,7 +238,14 @@ def build_pool(screens: Sequence[Any], size: int, quality: int, seed: int, min_c
 
 
 class FramePlan:
-    """Which pool image a student sends next: the same bytes (unchanged) or another one (changed)."""
+    """Which pool image a student sends next: the same bytes (unchanged) or another one (changed).
+
+    A changed screen is none of the student's last RECENT screens either: the server rightly reuses the
+    verdict of a screen shown again while it is still being classified, or just was, and "every frame
+    changed" must mean that change detection never helps.
+    """
+
+    RECENT = 4
 
     def __init__(self, pool_size: int, changed_share: float, rng: random.Random) -> None:
         if pool_size < 2:
@@ -247,15 +254,19 @@ class FramePlan:
         self.changed_share = changed_share
         self._rng = rng
         self.current: int | None = None
+        # With a tiny pool only the current screen is avoided.
+        self._recent: collections.deque[int] = collections.deque(maxlen=min(self.RECENT, pool_size - 1))
 
     def next(self) -> tuple[int, bool]:
         """(pool index, changed): the first frame is always a new screen."""
         if self.current is None:
             self.current = self._rng.randrange(self.pool_size)
+            self._recent.append(self.current)
             return self.current, True
         if self._rng.random() < self.changed_share:
-            step = self._rng.randrange(1, self.pool_size)
-            self.current = (self.current + step) % self.pool_size
+            fresh = [i for i in range(self.pool_size) if i not in self._recent]
+            self.current = self._rng.choice(fresh)
+            self._recent.append(self.current)
             return self.current, True
         return self.current, False
 

@@ -90,6 +90,14 @@ def test_frame_plan_extremes(share: float, expected: bool) -> None:
     assert {plan.next()[1] for _ in range(200)} == {expected}
 
 
+def test_every_frame_changed_never_shows_a_recent_screen_again() -> None:
+    # A screen shown again while it is still being classified gets that verdict (cached): not "changed".
+    plan = loadgen.FramePlan(10, 1.0, random.Random(2))
+    shown = [plan.next()[0] for _ in range(5_000)]
+    assert all(len(set(shown[i:i + 5])) == 5 for i in range(len(shown) - 4))
+    assert set(shown) == set(range(10))
+
+
 def test_frame_plan_needs_two_images() -> None:
     with pytest.raises(ValueError, match="at least 2"):
         loadgen.FramePlan(1, 0.2, random.Random(1))
