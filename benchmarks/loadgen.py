@@ -306,6 +306,7 @@ class Options:
     seed: int
     heads: tuple[str, ...]
     backbone_fps: float | None = None
+    measure_backbone_s: float = 0.0
 
     @property
     def origin(self) -> str:
@@ -367,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone-json", default=None,
                    help="JSON of benchmarks/pipeline.py on the same machine: report processed frames/s as a "
                         "share of its backbone_fps (run with --changed 1 to compare)")
+    p.add_argument("--measure-backbone", type=float, default=0.0, dest="measure_backbone_s", metavar="SECONDS",
+                   help="right before and right after every run, time the backbone alone in this process for "
+                        "SECONDS per layout, as benchmarks/pipeline.py does, and report processed frames/s as a "
+                        "share of the mean (only meaningful on the server's machine, which must be otherwise idle; "
+                        "a shared machine's speed drifts too much for a baseline measured at another time)")
     p.add_argument("--seed", type=int, default=1, help="random seed of the frame plans (default %(default)s)")
     return p
 
@@ -418,6 +424,8 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
     frames = peak * a.fps * a.duration_s
     need(frames <= MAX_FRAMES, f"{peak} students x {a.fps} frames/s x {a.duration_s} s = {frames:.0f} frames "
                                f"per run is over the cap of {MAX_FRAMES}")
+    need(math.isfinite(a.measure_backbone_s) and 0 <= a.measure_backbone_s <= 120,
+         f"--measure-backbone {a.measure_backbone_s} must be 0..120 seconds")
     credentials = Path(a.credentials) if a.credentials else None
     need(credentials is None or credentials.is_file(), f"--credentials {a.credentials}: file not found")
     need(credentials is not None or (bool(a.admin_user) and bool(a.admin_password)),
@@ -442,7 +450,8 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         metrics_token=a.metrics_token or None, json_path=json_path, find_capacity=a.find_capacity,
         slo_p99_ms=a.slo_p99_ms, start_students=a.start_students, step_students=a.step_students,
         max_students=a.max_students, plot=plot, drain_s=a.drain_s, connect_timeout_s=a.connect_timeout_s,
-        cooldown_s=a.cooldown_s, seed=a.seed, heads=heads, backbone_fps=backbone_fps)
+        cooldown_s=a.cooldown_s, seed=a.seed, heads=heads, backbone_fps=backbone_fps,
+        measure_backbone_s=a.measure_backbone_s)
 
 
 def read_backbone_fps(path: Path) -> float:
@@ -987,8 +996,10 @@ def print_result(r: dict[str, Any], out: Any = sys.stdout) -> None:
           f"dropped {r['dropped'] or 0}, errors {r['errors'] or 0}, evidence copies sent {r['evidence_sent']}",
           file=out)
     if r.get("processed_vs_backbone") is not None:
-        print(f"  processed = {r['processed_vs_backbone']:.2f} x the backbone-only rate of benchmarks/pipeline.py",
-              file=out)
+        timed = r.get("backbone_fps")
+        where = (f"timed in this process just before and after: {timed['before']} / {timed['after']} frames/s"
+                 if timed else "of benchmarks/pipeline.py")
+        print(f"  processed = {r['processed_vs_backbone']:.2f} x the backbone-only rate ({where})", file=out)
     s = r["server"]
     if s:
         print(f"  server: {s['cpu_cores']} cores busy, RSS {s['rss_mb']} MB (peak {s['peak_rss_mb']}), "
@@ -1062,6 +1073,45 @@ def plot_capacity(report: dict[str, Any], path: Path) -> None:
 # -------------------------------------------------------------------------------------------------- main
 
 
+class BackboneTimer:
+    """The backbone alone in this process, timed as benchmarks/pipeline.py times it, on the pool's frames."""
+
+    def __init__(self, pool: Sequence[PoolFrame], seconds: float) -> None:
+        # Heavy imports only when asked: the generator itself needs no model.
+        from benchmarks.pipeline import time_backbone
+        from proctor.batching.decode import decode_rgb
+        from proctor.config import Config
+        from proctor.models.engine import Engine
+
+        config = Config(data_dir=str(_REPO / "var"))
+        self._time = time_backbone
+        self.seconds = seconds
+        # pipeline.py's baseline: the better of the server's layout and one batch at a time on every core.
+        self._engines = [Engine.from_config(config)]
+        if self._engines[0].workers > 1:
+            self._engines.append(Engine.from_config(config.replace(inference_workers=1)))
+        size = self._engines[0].frame_size
+        self._frames = [decode_rgb(frame.jpeg, size) for frame in pool]
+        while len(self._frames) < 32:
+            self._frames += self._frames
+
+    def measure(self) -> float:
+        return max(self._time(engine, self._frames, 32, self.seconds) for engine in self._engines)
+
+
+async def _between_backbone_runs(timer: BackboneTimer | None, run: Callable[[], Awaitable[dict[str, Any]]]
+                                 ) -> dict[str, Any]:
+    """`run()`, with the backbone timed right before and right after it when a timer is given."""
+    if timer is None:
+        return await run()
+    before = await asyncio.to_thread(timer.measure)
+    result = await run()
+    after = await asyncio.to_thread(timer.measure)
+    mean = (before + after) / 2
+    return {**result, "backbone_fps": {"before": round(before, 1), "after": round(after, 1), "mean": round(mean, 1)},
+            "processed_vs_backbone": round(result["processed_fps"] / mean, 3)}
+
+
 async def run(opts: Options) -> dict[str, Any]:
     """The whole benchmark as one coroutine (tests call this): prepare, run (or search), write JSON."""
     screens, source, synthetic = load_screens(opts.images, opts.pool, max(opts.max_width, opts.evidence_max_width),
@@ -1085,11 +1135,13 @@ async def run(opts: Options) -> dict[str, Any]:
         if opts.save_credentials is not None:
             creds.dump(opts.save_credentials)
     students = [Student(i, u, p, opts.url) for i, (u, p) in enumerate(creds.students[:opts.peak_students])]
+    timer = BackboneTimer(pool, opts.measure_backbone_s) if opts.measure_backbone_s > 0 else None
     probe = ServerProbe(opts.url, opts.metrics_token)
     try:
         if opts.find_capacity:
             async def step(n: int) -> dict[str, Any]:
-                result = await run_once(opts, students[:n], creds.exam_id, pool, probe)
+                result = await _between_backbone_runs(
+                    timer, lambda: run_once(opts, students[:n], creds.exam_id, pool, probe))
                 print_result(result)
                 await asyncio.sleep(opts.cooldown_s)  # let the server drain before the next step
                 return result
@@ -1103,7 +1155,8 @@ async def run(opts: Options) -> dict[str, Any]:
                 plot_capacity(report, opts.plot)
                 print(f"plot written to {opts.plot}")
         else:
-            report = await run_once(opts, students, creds.exam_id, pool, probe)
+            report = await _between_backbone_runs(
+                timer, lambda: run_once(opts, students, creds.exam_id, pool, probe))
             print_result(report)
     finally:
         await probe.close()

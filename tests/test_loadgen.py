@@ -519,6 +519,43 @@ async def test_warmup_frames_are_left_out_of_the_steady_state(tmp_path: Path) ->
         _options(url, tmp_path, "--duration", "2", "--warmup", "2")
 
 
+async def test_measure_backbone_times_it_right_before_and_after_the_run(tmp_path: Path, monkeypatch) -> None:
+    events = []
+
+    class FakeTimer:
+        def __init__(self, pool, seconds):
+            assert seconds == 2.5 and pool
+            self.fps = iter([100.0, 60.0])
+
+        def measure(self):
+            events.append("backbone")
+            return next(self.fps)
+
+    monkeypatch.setattr(loadgen, "BackboneTimer", FakeTimer)
+    fake = FakeProctor(answer_delay_s=0.01)
+    runner, url = await _serve(fake.app())
+    fake.origin = url
+    original = loadgen.run_once
+
+    async def run_once(*args, **kwargs):
+        events.append("run")
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(loadgen, "run_once", run_once)
+    try:
+        opts = _options(url, tmp_path, "--students", "2", "--fps", "4", "--duration", "1", "--changed", "1",
+                        "--measure-backbone", "2.5", "--backbone-json", str(_pipeline_json(tmp_path, 48.0)))
+        report = await loadgen.run(opts)
+    finally:
+        await runner.cleanup()
+    assert events == ["backbone", "run", "backbone"]
+    assert report["backbone_fps"] == {"before": 100.0, "after": 60.0, "mean": 80.0}
+    # The baseline timed around the run wins over the older --backbone-json figure.
+    assert report["processed_vs_backbone"] == round(report["processed_fps"] / 80.0, 3)
+    with pytest.raises(loadgen.LoadgenError, match="--measure-backbone -1.0 must be 0..120"):
+        _options(url, tmp_path, "--measure-backbone", "-1")
+
+
 async def test_run_against_fake_server_measures_every_frame(tmp_path: Path) -> None:
     fake = FakeProctor(answer_delay_s=0.02, drop_every=5)
     runner, url = await _serve(fake.app())
