@@ -90,7 +90,12 @@ def main() -> int:
     images, programs = training_set(args.data, "benchmarks/augment_oof.py")
     if not images:
         return 2
-    options = [int(o) for o in args.overlaps.split(",")]
+    try:
+        options = [int(o) for o in args.overlaps.split(",")]
+    except ValueError:
+        parser.error(f"--overlaps {args.overlaps!r}: write whole numbers separated by commas, e.g. 0,2,4")
+    if any(not 0 <= o <= 32 for o in options):
+        parser.error(f"--overlaps {args.overlaps!r}: each number must be 0..32")
     extracted = max([args.eval_overlaps, *options])
     backbone = load_backbone(args.backbone_weights, args.cache_dir)
     defaults = TrainOptions()
