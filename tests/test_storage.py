@@ -451,6 +451,35 @@ async def test_sqlite_notifications_cross_processes_through_the_table(tmp_path, 
         await server.close()
 
 
+async def test_sqlite_notifications_survive_an_unreadable_database(tmp_path, monkeypatch, caplog):
+    from proctor.storage import sqlite
+
+    monkeypatch.setattr(sqlite, "NOTIFY_POLL_S", 0.05)
+    url = f"sqlite:///{tmp_path}/n.db"
+    server, command = await open_store(url), await open_store(url)
+    await server.migrate()
+    got: asyncio.Queue = asyncio.Queue()
+
+    async def listener(channel, payload):
+        await got.put((channel, payload))
+
+    try:
+        await server.subscribe(listener)
+        async with server._connection() as c:  # the table gone: every poll fails until it is back
+            await c.execute("ALTER TABLE notifications RENAME TO notifications_away")
+        await asyncio.sleep(0.3)
+        assert "cannot read notifications from other processes" in caplog.text
+        async with server._connection() as c:
+            await c.execute("ALTER TABLE notifications_away RENAME TO notifications")
+        await command.add_head(head("word"))
+        channel, payload = await asyncio.wait_for(got.get(), 10)
+        assert (channel, payload["name"]) == ("heads", "word")
+        assert caplog.text.count("cannot read notifications") == 1  # logged once per outage
+    finally:
+        await command.close()
+        await server.close()
+
+
 async def test_sqlite_notifications_older_than_an_hour_are_deleted(tmp_path):
     store = await open_store(f"sqlite:///{tmp_path}/n.db")
     await store.migrate()

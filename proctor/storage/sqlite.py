@@ -186,7 +186,7 @@ class SqliteStore(SqlStore):
                 async with self._connection() as c:
                     rows = await c.fetch("SELECT id, channel, payload FROM notifications WHERE id > ? ORDER BY id",
                                          last)
-            except StoreError as exc:
+            except Exception as exc:  # a dead or broken database must not end the polling for good
                 if not failing:  # once per outage, not every second
                     logger.warning("cannot read notifications from other processes (retrying): %s", exc)
                 failing = True
