@@ -415,69 +415,63 @@ async def test_publish_reaches_subscribers(store):
         await store.publish("alert", {"blob": "x" * 5000})
 
 
-async def test_sqlite_notifications_cross_processes_through_the_table(tmp_path, monkeypatch):
+@pytest.fixture
+async def server_and_command(tmp_path, monkeypatch):
+    """Two SQLite stores on one file, as the server process and a command's process; the server's listener
+    puts what it hears in the queue (subscribe it with `await server.subscribe(listener)`)."""
+    from proctor.storage import sqlite
+
+    monkeypatch.setattr(sqlite, "NOTIFY_POLL_S", 0.05)
+    url = f"sqlite:///{tmp_path}/n.db"
+    server, command = await open_store(url), await open_store(url)
+    await server.migrate()
+    got: asyncio.Queue = asyncio.Queue()
+
+    async def listener(channel, payload):
+        await got.put((channel, payload))
+
+    try:
+        yield server, command, listener, got
+    finally:
+        await command.close()
+        await server.close()
+
+
+async def test_sqlite_notifications_cross_processes_through_the_table(server_and_command):
     """A command's process (nobody listens there) reaches the server's listeners; in-process ones stay direct."""
-    from proctor.storage import sqlite
-
-    monkeypatch.setattr(sqlite, "NOTIFY_POLL_S", 0.05)
-    url = f"sqlite:///{tmp_path}/n.db"
-    server, command = await open_store(url), await open_store(url)
-    await server.migrate()
-    got: asyncio.Queue = asyncio.Queue()
-
-    async def listener(channel, payload):
-        await got.put((channel, payload))
-
-    try:
-        await command.add_head(head("before"))  # published before the server listened: not replayed
-        await server.subscribe(listener)
-        await command.add_head(head("word"))
-        await command.set_head_active("word", False)
-        channel, payload = await asyncio.wait_for(got.get(), 10)
-        assert (channel, payload["name"], payload["active"]) == ("heads", "word", True)
-        assert payload["node"] == command.node_id
-        channel, payload = await asyncio.wait_for(got.get(), 10)
-        assert (channel, payload["name"], payload["active"]) == ("heads", "word", False)
-        # The server's own notifications go straight to its listeners, once, and not through the table.
-        await server.publish("presence", {"exam_id": 1, "student_id": 2, "state": "live"})
-        channel, payload = await asyncio.wait_for(got.get(), 10)
-        assert channel == "presence" and payload["node"] == server.node_id
-        await asyncio.sleep(0.3)
-        assert got.empty()
-        async with server._connection() as c:
-            assert [r["channel"] for r in await c.fetch("SELECT channel FROM notifications")] == ["heads"] * 3
-    finally:
-        await command.close()
-        await server.close()
+    server, command, listener, got = server_and_command
+    await command.add_head(head("before"))  # published before the server listened: not replayed
+    await server.subscribe(listener)
+    await command.add_head(head("word"))
+    await command.set_head_active("word", False)
+    channel, payload = await asyncio.wait_for(got.get(), 10)
+    assert (channel, payload["name"], payload["active"]) == ("heads", "word", True)
+    assert payload["node"] == command.node_id
+    channel, payload = await asyncio.wait_for(got.get(), 10)
+    assert (channel, payload["name"], payload["active"]) == ("heads", "word", False)
+    # The server's own notifications go straight to its listeners, once, and not through the table.
+    await server.publish("presence", {"exam_id": 1, "student_id": 2, "state": "live"})
+    channel, payload = await asyncio.wait_for(got.get(), 10)
+    assert channel == "presence" and payload["node"] == server.node_id
+    await asyncio.sleep(0.3)
+    assert got.empty()
+    async with server._connection() as c:
+        assert [r["channel"] for r in await c.fetch("SELECT channel FROM notifications")] == ["heads"] * 3
 
 
-async def test_sqlite_notifications_survive_an_unreadable_database(tmp_path, monkeypatch, caplog):
-    from proctor.storage import sqlite
-
-    monkeypatch.setattr(sqlite, "NOTIFY_POLL_S", 0.05)
-    url = f"sqlite:///{tmp_path}/n.db"
-    server, command = await open_store(url), await open_store(url)
-    await server.migrate()
-    got: asyncio.Queue = asyncio.Queue()
-
-    async def listener(channel, payload):
-        await got.put((channel, payload))
-
-    try:
-        await server.subscribe(listener)
-        async with server._connection() as c:  # the table gone: every poll fails until it is back
-            await c.execute("ALTER TABLE notifications RENAME TO notifications_away")
-        await asyncio.sleep(0.3)
-        assert "cannot read notifications from other processes" in caplog.text
-        async with server._connection() as c:
-            await c.execute("ALTER TABLE notifications_away RENAME TO notifications")
-        await command.add_head(head("word"))
-        channel, payload = await asyncio.wait_for(got.get(), 10)
-        assert (channel, payload["name"]) == ("heads", "word")
-        assert caplog.text.count("cannot read notifications") == 1  # logged once per outage
-    finally:
-        await command.close()
-        await server.close()
+async def test_sqlite_notifications_survive_an_unreadable_database(server_and_command, caplog):
+    server, command, listener, got = server_and_command
+    await server.subscribe(listener)
+    async with server._connection() as c:  # the table gone: every poll fails until it is back
+        await c.execute("ALTER TABLE notifications RENAME TO notifications_away")
+    await asyncio.sleep(0.3)
+    assert "cannot read notifications from other processes" in caplog.text
+    async with server._connection() as c:
+        await c.execute("ALTER TABLE notifications_away RENAME TO notifications")
+    await command.add_head(head("word"))
+    channel, payload = await asyncio.wait_for(got.get(), 10)
+    assert (channel, payload["name"]) == ("heads", "word")
+    assert caplog.text.count("cannot read notifications") == 1  # logged once per outage
 
 
 async def test_sqlite_notifications_older_than_an_hour_are_deleted(tmp_path):
