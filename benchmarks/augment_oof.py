@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.machine import describe as describe_machine  # noqa: E402
-from benchmarks.pooling_oof import auc, oof_parser, training_set  # noqa: E402
+from benchmarks.pooling_oof import auc, mean_over_seeds, oof_parser, training_set, write_result  # noqa: E402
 from proctor.models.backbone import load_backbone  # noqa: E402
 from proctor.models.training import (  # noqa: E402
     FeatureCache, TrainOptions, _fit, backdrops, evaluate, features, fold_ids, pick_threshold,
@@ -111,8 +111,7 @@ def main() -> int:
     for overlaps in options:
         runs = {seed: cross_validate(feats, behind, np.array(programs), defaults.copies, overlaps, seed)
                 for seed in seeds}
-        mean = {k: round(float(np.mean([r["summary"][k] for r in runs.values()])), 5)
-                for k in next(iter(runs.values()))["summary"]}
+        mean = mean_over_seeds(runs)
         results[str(overlaps)] = {"mean_over_seeds": mean, "seeds": {str(s): r for s, r in runs.items()}}
         print(json.dumps({"overlaps": overlaps, **mean}), flush=True)
     result = {"benchmark": "augment_oof", "data": str(args.data), "images": len(images),
@@ -121,8 +120,7 @@ def main() -> int:
               f"{backbone.spec.preprocessing.height}", "pooling": defaults.pooling,
               "client_width": defaults.client_width, "features_seconds": round(features_s, 1), "seeds": seeds,
               "overlaps": results, "machine": describe_machine(torch=torch.__version__)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     return 0
 
 

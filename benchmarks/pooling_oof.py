@@ -143,6 +143,17 @@ def training_set(data: Path, script: str) -> tuple[list, list[str]]:
     return images, programs
 
 
+def mean_over_seeds(runs: dict) -> dict:
+    """Every summary figure of the per-seed runs, averaged over the seeds."""
+    first = next(iter(runs.values()))["summary"]
+    return {k: round(float(np.mean([r["summary"][k] for r in runs.values()])), 5) for k in first}
+
+
+def write_result(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main() -> int:
     parser = oof_parser(__doc__, "pooling_oof.json")
     parser.add_argument("--poolings", default=DEFAULT_POOLINGS, help="comma-separated; parts joined by '+'")
@@ -162,8 +173,7 @@ def main() -> int:
     for name in args.poolings.split(","):
         feats = pool(name, maps)
         runs = {seed: cross_validate(feats, np.array(programs), seed) for seed in seeds}
-        mean = {k: round(float(np.mean([r["summary"][k] for r in runs.values()])), 5)
-                for k in next(iter(runs.values()))["summary"]}
+        mean = mean_over_seeds(runs)
         results[name] = {"features": int(feats.shape[-1]), "mean_over_seeds": mean,
                          "seeds": {str(s): r for s, r in runs.items()}}
         print(json.dumps({"pooling": name, "features": int(feats.shape[-1]), **mean}), flush=True)
@@ -171,8 +181,7 @@ def main() -> int:
               "backbone": backbone.spec.source, "input": f"{backbone.spec.preprocessing.width}x"
               f"{backbone.spec.preprocessing.height}", "map_seconds": round(maps_s, 1), "seeds": seeds,
               "poolings": results, "machine": describe_machine(torch=torch.__version__)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     return 0
 
 
