@@ -1078,18 +1078,13 @@ class BackboneTimer:
 
     def __init__(self, pool: Sequence[PoolFrame], seconds: float) -> None:
         # Heavy imports only when asked: the generator itself needs no model.
-        from benchmarks.pipeline import time_backbone
+        from benchmarks.pipeline import backbone_engines, time_backbone
         from proctor.batching.decode import decode_rgb
         from proctor.config import Config
-        from proctor.models.engine import Engine
 
-        config = Config(data_dir=str(_REPO / "var"))
         self._time = time_backbone
         self.seconds = seconds
-        # pipeline.py's baseline: the better of the server's layout and one batch at a time on every core.
-        self._engines = [Engine.from_config(config)]
-        if self._engines[0].workers > 1:
-            self._engines.append(Engine.from_config(config.replace(inference_workers=1)))
+        self._engines = backbone_engines(Config(data_dir=str(_REPO / "var")))  # pipeline.py's baseline layouts
         size = self._engines[0].frame_size
         self._frames = [decode_rgb(frame.jpeg, size) for frame in pool]
         while len(self._frames) < 32:

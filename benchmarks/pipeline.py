@@ -86,6 +86,15 @@ def make_heads(engine: Engine, count: int) -> None:
     engine.set_heads(heads)
 
 
+def backbone_engines(config: Config) -> list[Engine]:
+    """The layouts backbone_fps is the best of: the server's (one single-threaded batch per core at once)
+    first, then one batch at a time on every core."""
+    engine = Engine.from_config(config)
+    if engine.workers == 1:
+        return [engine]
+    return [engine, Engine.from_config(config.replace(inference_workers=1))]
+
+
 def time_backbone(engine: Engine, frames: list[np.ndarray], batch: int, seconds: float) -> float:
     """Frames/s of the backbone alone, with engine.workers threads each running batches back to back."""
     spec = served_spec(engine)
@@ -176,7 +185,7 @@ def main() -> int:
     args = parser.parse_args()
 
     config = Config(device=args.device, backbone_weights=args.backbone_weights, data_dir=args.data_dir)
-    engine = Engine.from_config(config)
+    engine, *other_layouts = backbone_engines(config)
     make_heads(engine, args.heads)
     jpegs, source = load_frames(args.images, 64, args.client_width, config.client_jpeg_quality)
     size = engine.frame_size
@@ -186,11 +195,9 @@ def main() -> int:
     print(f"engine: {engine.describe()}", flush=True)
 
     # The server's layout, and one batch at a time on all cores: the baseline is the better of the two.
-    by_layout = {f"{engine.workers}x{engine.threads}": time_backbone(engine, decoded, args.batch, args.seconds)}
-    if engine.workers > 1:
-        single = Engine.from_config(config.replace(inference_workers=1))
-        by_layout[f"1x{single.threads}"] = time_backbone(single, decoded, args.batch, args.seconds)
-        del single
+    by_layout = {f"{e.workers}x{e.threads}": time_backbone(e, decoded, args.batch, args.seconds)
+                 for e in (engine, *other_layouts)}
+    del other_layouts
     for layout, fps in by_layout.items():
         print(f"backbone {engine.runtime}, {layout} (batches at once x threads each): {fps:.1f} frames/s", flush=True)
     by_runtime = {engine.runtime: max(by_layout.values())}
