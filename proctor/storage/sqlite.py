@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator
 
 import aiosqlite
 
-from proctor.storage.base import Conflict, InvalidData, NotFound, StoreError, StoreUnavailable
+from proctor.storage.base import Conflict, InvalidData, NotFound, StoreError, StoreUnavailable, utcnow
 from proctor.storage.sql import Connection, Row, SqlStore, load_migrations
 
 logger = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ class SqliteStore(SqlStore):
             self._dispatch(channel, text)
             return
         # Nobody here listens (a command's process): leave it for the server process.
-        now = dt.datetime.now(dt.timezone.utc)
+        now = utcnow()
         async with self._transaction() as c:
             await c.execute("INSERT INTO notifications (channel, payload, at) VALUES (?, ?, ?)",
                             channel, text, self._ts(now))
