@@ -105,9 +105,16 @@ def thumbnail(jpeg: bytes | memoryview) -> np.ndarray:
 
 
 def thumbnail_of(pixels: np.ndarray) -> np.ndarray:
-    """The change-detection thumbnail (as `thumbnail` makes it) of decoded RGB pixels."""
-    grey = Image.fromarray(pixels).convert("L").resize(THUMB_SIZE, Image.BOX)
-    return np.asarray(grey, dtype=np.float32)
+    """The change-detection thumbnail (as `thumbnail` makes it, within a grey level) of decoded RGB pixels."""
+    image = Image.fromarray(pixels)
+    width, height = THUMB_SIZE
+    if image.width % width == 0 and image.height % height == 0:
+        # The model's 320x180 is an exact multiple: averaging blocks first and converting 576 pixels to grey
+        # costs a third less than converting them all (runs for every decoded frame).
+        small = image.reduce((image.width // width, image.height // height)).convert("L")
+    else:
+        small = image.convert("L").resize(THUMB_SIZE, Image.BOX)
+    return np.asarray(small, dtype=np.float32)
 
 
 def decode_with_thumbnail(jpeg: bytes | memoryview, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
