@@ -9,7 +9,7 @@ errors at the picked threshold on the copies of the out-of-fold shots: the `augm
 option, so a larger and harder out-of-fold set of the kind exam screens show). The held-out split is
 never read here.
 
-Usage: PYTHONPATH=. .venv/bin/python benchmarks/augment_oof.py [--overlaps 0,2,4] [--seeds 0,1,2]
+Usage: PYTHONPATH=. .venv/bin/python benchmarks/augment_oof.py [--overlaps 0,2,4] [--seeds 0,1,2] [--heads logistic,mlp]
 Prints JSON lines and writes benchmarks/results/augment_oof.json.
 """
 
@@ -34,14 +34,18 @@ from proctor.models.training import (  # noqa: E402
 
 
 def _scores(tensors: dict, x: np.ndarray) -> np.ndarray:
-    z = x @ tensors["weight"][0] + tensors["bias"][0]
+    if "hidden.weight" in tensors:  # the MLP head (`_fit` with TrainOptions.mlp)
+        hidden = np.maximum(x @ tensors["hidden.weight"].T + tensors["hidden.bias"], 0)
+        z = hidden @ tensors["out.weight"][0] + tensors["out.bias"][0]
+    else:
+        z = x @ tensors["weight"][0] + tensors["bias"][0]
     return 1 / (1 + np.exp(-np.clip(z, -50, 50)))
 
 
 def cross_validate(feats: np.ndarray, behind: np.ndarray, programs: np.ndarray, copies: int, overlaps: int,
-                   seed: int) -> dict:
+                   seed: int, mlp: bool = False) -> dict:
     """Every head's out-of-fold results with `overlaps` overlap copies in training, as train_head computes them."""
-    options = TrainOptions(seed=seed, overlaps=overlaps)
+    options = TrainOptions(seed=seed, overlaps=overlaps, mlp=mlp)
     n, _, dim = feats.shape
     variants = 1 + copies
     train_v = list(range(variants)) + list(range(variants, variants + overlaps))
@@ -84,6 +88,8 @@ def cross_validate(feats: np.ndarray, behind: np.ndarray, programs: np.ndarray, 
 def main() -> int:
     parser = oof_parser(__doc__, "augment_oof.json")
     parser.add_argument("--overlaps", default="0,2,4", help="comma-separated numbers of overlap copies to compare")
+    parser.add_argument("--heads", default="logistic", help="head kinds to compare: logistic, mlp or both "
+                        "(logistic,mlp); results of an MLP are keyed mlp-OVERLAPS")
     parser.add_argument("--eval-overlaps", type=int, default=6,
                         help="overlap copies of each out-of-fold shot scored (at least the largest option)")
     args = parser.parse_args()
@@ -96,6 +102,9 @@ def main() -> int:
         parser.error(f"--overlaps {args.overlaps!r}: write whole numbers separated by commas, e.g. 0,2,4")
     if any(not 0 <= o <= 32 for o in options):
         parser.error(f"--overlaps {args.overlaps!r}: each number must be 0..32")
+    kinds = args.heads.split(",")
+    if not kinds or any(k not in ("logistic", "mlp") for k in kinds):
+        parser.error(f"--heads {args.heads!r}: logistic, mlp or logistic,mlp")
     extracted = max([args.eval_overlaps, *options])
     backbone = load_backbone(args.backbone_weights, args.cache_dir)
     defaults = TrainOptions()
@@ -108,12 +117,15 @@ def main() -> int:
     # Every option is scored on the same copies (all `extracted` overlap ones); it trains on its first `overlaps`.
     seeds = [int(s) for s in args.seeds.split(",")]
     results = {}
-    for overlaps in options:
-        runs = {seed: cross_validate(feats, behind, np.array(programs), defaults.copies, overlaps, seed)
-                for seed in seeds}
-        mean = mean_over_seeds(runs)
-        results[str(overlaps)] = {"mean_over_seeds": mean, "seeds": {str(s): r for s, r in runs.items()}}
-        print(json.dumps({"overlaps": overlaps, **mean}), flush=True)
+    for kind in kinds:
+        for overlaps in options:
+            runs = {seed: cross_validate(feats, behind, np.array(programs), defaults.copies, overlaps, seed,
+                                         mlp=kind == "mlp")
+                    for seed in seeds}
+            mean = mean_over_seeds(runs)
+            key = str(overlaps) if kind == "logistic" else f"mlp-{overlaps}"
+            results[key] = {"mean_over_seeds": mean, "seeds": {str(s): r for s, r in runs.items()}}
+            print(json.dumps({"heads": kind, "overlaps": overlaps, **mean}), flush=True)
     result = {"benchmark": "augment_oof", "data": str(args.data), "images": len(images),
               "augmented_copies": defaults.copies, "eval_overlap_copies": extracted,
               "backbone": backbone.spec.source, "input": f"{backbone.spec.preprocessing.width}x"
