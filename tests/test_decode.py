@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import simplejpeg
@@ -113,3 +115,24 @@ def test_page_jpeg_has_the_browsers_chroma_subsampling():
     # Kept as is when narrower than the client width.
     assert simplejpeg.decode_jpeg_header(decode.page_jpeg(screen[:360, :640], 1280, 0.7))[:2] == (360, 640)
 
+
+
+SCREENS = Path(__file__).resolve().parents[1] / "data"
+
+
+def test_full_size_evidence_of_real_screens_matches_their_frames():
+    """The evidence check (sessions.EVIDENCE_MATCH) must accept an honest copy: a page's 640-wide frame and the
+    1920-wide copy of the same screen, both at the page's JPEG quality, judged by the server's two thumbnails."""
+    from PIL import Image
+
+    from proctor.sessions import EVIDENCE_MATCH
+
+    shots = sorted(SCREENS.glob("screens*/*/*.jpg"))[::4]
+    assert len(shots) > 80
+    distances = []
+    for shot in shots:
+        pixels = np.asarray(Image.open(shot).convert("RGB"))
+        _, frame_thumb = decode.decode_with_thumbnail(decode.page_jpeg(pixels, 640, 0.7), (320, 180))
+        copy_thumb = decode.thumbnail(decode.page_jpeg(pixels, 1920, 0.7))
+        distances.append(decode.thumbnail_distance(frame_thumb, copy_thumb))
+    assert max(distances) < EVIDENCE_MATCH, max(distances)
