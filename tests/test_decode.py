@@ -116,8 +116,7 @@ def test_page_jpeg_has_the_browsers_chroma_subsampling():
     assert simplejpeg.decode_jpeg_header(decode.page_jpeg(screen[:360, :640], 1280, 0.7))[:2] == (360, 640)
 
 
-
-SCREENS = Path(__file__).resolve().parents[1] / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 def test_full_size_evidence_of_real_screens_matches_their_frames():
@@ -127,7 +126,7 @@ def test_full_size_evidence_of_real_screens_matches_their_frames():
 
     from proctor.sessions import EVIDENCE_MATCH
 
-    shots = sorted(SCREENS.glob("screens*/*/*.jpg"))[::4]
+    shots = sorted(DATA.glob("screens*/*/*.jpg"))[::4]
     assert len(shots) > 80
     distances = []
     for shot in shots:
