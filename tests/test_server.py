@@ -898,3 +898,21 @@ async def test_same_screen_while_the_first_is_classified_waits_for_its_verdict(s
     assert first["cached"] is False and second["cached"] is True and second["status"] == "ok"
     assert classifier.backbone_calls == 1  # the join burst does not classify the same screen twice
     await alice.close()
+
+
+async def test_served_app_keeps_start_up_objects_out_of_full_collections(store, classifier, tmp_path,
+                                                                          aiohttp_client):
+    """`proctor serve` freezes what start-up made (a full GC pass over it stops the loop for ~170 ms), and the
+    app gives it back to normal collection when it stops."""
+    import gc
+
+    from proctor.server import serving_app
+
+    assert gc.get_freeze_count() == 0
+    app = serving_app(make_config(tmp_path), store=store, classifier=classifier,
+                      authenticator=HeaderAuthenticator(store))
+    client = await aiohttp_client(app)
+    assert gc.get_freeze_count() > 1000
+    assert (await client.get("/readyz")).status == 200
+    await client.close()
+    assert gc.get_freeze_count() == 0
