@@ -326,3 +326,33 @@ async def test_student_who_shares_before_the_start_is_streaming_once_it_starts(d
         await server["store"].set_exam_state(exam.id, "running")
         await page.wait_for_selector("#status[data-state=sharing]", timeout=20_000)
         await _until(page, "() => window.proctorStreamer.stats.framesSent >= 1")
+
+
+async def test_frames_are_filtered_when_the_screen_is_scaled_down(display, server):
+    """Heads are trained on screens scaled down with a filter (decode.page_jpeg); Chromium's default canvas
+    smoothing point-samples the kept full-size bitmap instead, so text on a screen 3x the frame width (1920 to
+    640) aliases. The page asks for high-quality smoothing: 1-pixel stripes on screen come out grey."""
+    async with _student_page(display, server, "Stripes", "STRIPES2", running=True) as (page, _):
+        await page.check("#consent-check")
+        await page.click("#share")
+        await page.wait_for_selector("#status[data-state=sharing]", timeout=20_000)
+        # Frames 455 wide from the 1366-wide screen (3x), and the page covered with 1-pixel stripes.
+        await page.evaluate("""() => {
+            window.proctorStreamer.config.max_width = 455;
+            const cover = document.createElement("div");
+            Object.assign(cover.style, {position: "fixed", inset: "0", zIndex: "2147483647",
+                background: "repeating-linear-gradient(90deg, #000 0 1px, #fff 1px 2px)"});
+            document.body.appendChild(cover);
+        }""")
+        sent = await page.evaluate("() => window.proctorStreamer.stats.framesSent")
+        await _until(page, f"() => window.proctorStreamer.stats.framesSent > {sent + 1}")
+        row = await page.evaluate("""() => {
+            const c = window.proctorStreamer.canvas;
+            const data = c.getContext("2d").getImageData(20, Math.round(c.height * 0.6), c.width - 40, 1).data;
+            return Array.from(data).filter((_, i) => i % 4 === 0);
+        }""")
+    mean = sum(row) / len(row)
+    spread = (sum((v - mean) ** 2 for v in row) / len(row)) ** 0.5
+    # Filtered: grey near 128 everywhere; point-sampled: runs of dark next to light. Seen here: spread 19 with
+    # the filter, 45 without (30 next to 255).
+    assert 90 < mean < 165 and spread < 30, (mean, spread, row[:24])

@@ -44,6 +44,18 @@ export function scaledSize(width, height, maxWidth) {
 }
 
 /** What the page knows of the displays: Window Management API's screen.isExtended where supported. */
+/**
+ * The canvas's 2D context, set to scale down with a filter. Chromium's default ("low") point-samples a bitmap:
+ * a screen two or three times the frame width comes out with text in broken stripes, unlike the filtered
+ * frames the heads are trained on (decode.page_jpeg on the server).
+ */
+function smoothContext(canvas) {
+  const ctx = canvas.getContext("2d", { alpha: false });
+  ctx.imageSmoothingEnabled = true;
+  ctx.imageSmoothingQuality = "high";
+  return ctx;
+}
+
 export function displayInfo() {
   const extended = typeof screen.isExtended === "boolean" ? screen.isExtended : null;
   return { extended, displays: extended ? 2 : 1 };
@@ -282,7 +294,7 @@ export class ScreenStreamer {
       const [w, h] = scaledSize(this.video.videoWidth, this.video.videoHeight, Number(this.config.max_width) || 640);
       if (this.canvas.width !== w) this.canvas.width = w;
       if (this.canvas.height !== h) this.canvas.height = h;
-      const ctx = this.canvas.getContext("2d", { alpha: false });
+      const ctx = smoothContext(this.canvas);
       const captureMs = Date.now();
       const seq = this.seq;
       // Keep this very picture at full size when evidence would be larger than the frame sent.
@@ -316,7 +328,7 @@ export class ScreenStreamer {
     const canvas = document.createElement("canvas");
     canvas.width = w;
     canvas.height = h;
-    canvas.getContext("2d", { alpha: false }).drawImage(kept.bitmap, 0, 0, w, h);
+    smoothContext(canvas).drawImage(kept.bitmap, 0, 0, w, h);
     const blob = await this._jpeg(canvas);
     if (!blob || ws.readyState !== WebSocket.OPEN) return false;
     this._sendBinary(ws, frameHeader(seq, kept.captureMs, FLAG_EVIDENCE), await blob.arrayBuffer());
