@@ -49,7 +49,7 @@ export function scaledSize(width, height, maxWidth) {
  * a screen two or three times the frame width comes out with text in broken stripes, unlike the filtered
  * frames the heads are trained on (decode.page_jpeg on the server).
  */
-function smoothContext(canvas) {
+export function smoothContext(canvas) {
   const ctx = canvas.getContext("2d", { alpha: false });
   ctx.imageSmoothingEnabled = true;
   ctx.imageSmoothingQuality = "high";
