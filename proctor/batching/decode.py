@@ -66,6 +66,11 @@ def decode_rgb(jpeg: bytes | memoryview, size: tuple[int, int]) -> np.ndarray:
 # encoder keeps libjpeg's default, also 4:2:0). Frames made to stand for a page's (training, benchmarks) must
 # have it too: a 4:4:4 frame carries twice the colour data, decodes about a third slower and gives other pixels.
 PAGE_SUBSAMPLING = "420"
+# The student page scales the screen down on a canvas with high-quality smoothing (stream.js smoothContext).
+# Of PIL's filters, Hamming comes closest to what Chromium draws (benchmarks/browser_frames.py): mean difference
+# 0.2-0.8 grey levels for captured screens 960-1280 wide (and upscaled to 1920) drawn 640 wide, against 0.9-1.9
+# for bilinear, which training used before.
+PAGE_RESAMPLING = Image.Resampling.HAMMING
 
 
 def page_jpeg(pixels: np.ndarray, client_width: int, quality: float) -> bytes:
@@ -73,7 +78,7 @@ def page_jpeg(pixels: np.ndarray, client_width: int, quality: float) -> bytes:
     image = Image.fromarray(np.ascontiguousarray(pixels))
     if image.width > client_width:
         image = image.resize((client_width, max(1, round(image.height * client_width / image.width))),
-                             Image.BILINEAR)
+                             PAGE_RESAMPLING)
     return simplejpeg.encode_jpeg(np.ascontiguousarray(np.asarray(image)), quality=round(quality * 100),
                                   colorspace="RGB", colorsubsampling=PAGE_SUBSAMPLING)
 

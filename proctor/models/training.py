@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-from proctor.batching.decode import PAGE_SUBSAMPLING, served_frame
+from proctor.batching.decode import PAGE_RESAMPLING, PAGE_SUBSAMPLING, served_frame
 from proctor.config import Config
 from proctor.models.backbone import POOLINGS, Backbone, preprocessing_to_dict
 from proctor.models.heads import Head, make_head
@@ -298,7 +298,7 @@ class FeatureCache:
         self.client_width = client_width
         self.client_quality = client_quality
         key = repr((spec.weights_hash, sorted(preprocessing_to_dict(spec.preprocessing).items()), self.pooling,
-                    AUGMENT_VERSION, client_width, client_quality, PAGE_SUBSAMPLING))
+                    AUGMENT_VERSION, client_width, client_quality, PAGE_SUBSAMPLING, int(PAGE_RESAMPLING)))
         self.key = hashlib.sha256(key.encode()).hexdigest()[:24]
         self.directory = Path(directory) / self.key if directory else None
 
