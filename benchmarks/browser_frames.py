@@ -11,7 +11,7 @@ PIL's resampling filters (what decode.PAGE_RESAMPLING was chosen by). `--canvas-
 page did before it asked for high-quality smoothing.
 
 Usage: PYTHONPATH=. .venv/bin/python benchmarks/browser_frames.py [--canvas-smoothing high|low]
-Prints JSON and writes benchmarks/results/browser_frames.json.
+Prints JSON and writes benchmarks/results/browser_frames-SMOOTHING.json.
 """
 
 from __future__ import annotations
@@ -41,41 +41,37 @@ from proctor.models.training import evaluate, list_images  # noqa: E402
 CHROMIUM = "/usr/bin/chromium"
 STREAM_JS = ROOT / "proctor" / "web" / "static" / "stream.js"
 
-# In the page: stream.js as a module (from a blob: URL, so no server is needed), then one frame per call,
-# drawn and encoded as ScreenStreamer does it.
+# In the page: stream.js as a module (from a blob: URL, so no server is needed) and `draw`, which puts a PNG on
+# a canvas as ScreenStreamer draws a capture: scaledSize to the client width, smoothContext, drawImage.
 _LOAD_MODULE = """async (source) => {
     const url = URL.createObjectURL(new Blob([source], {type: "text/javascript"}));
-    window.streamModule = await import(url);
+    const m = await import(url);
+    window.draw = async (png, maxWidth, smoothing) => {
+        const bytes = Uint8Array.from(atob(png), (c) => c.charCodeAt(0));
+        const bitmap = await createImageBitmap(new Blob([bytes], {type: "image/png"}));
+        const [w, h] = m.scaledSize(bitmap.width, bitmap.height, maxWidth);
+        const canvas = document.createElement("canvas");
+        canvas.width = w;
+        canvas.height = h;
+        const ctx = m.smoothContext(canvas);
+        if (smoothing !== "high") ctx.imageSmoothingQuality = smoothing;
+        ctx.drawImage(bitmap, 0, 0, w, h);
+        return canvas;
+    };
 }"""
+# The frame's JPEG (base64), encoded as the page encodes it.
 _FRAME = """async ([png, maxWidth, quality, smoothing]) => {
-    const m = window.streamModule;
-    const bytes = Uint8Array.from(atob(png), (c) => c.charCodeAt(0));
-    const bitmap = await createImageBitmap(new Blob([bytes], {type: "image/png"}));
-    const [w, h] = m.scaledSize(bitmap.width, bitmap.height, maxWidth);
-    const canvas = document.createElement("canvas");
-    canvas.width = w;
-    canvas.height = h;
-    const ctx = m.smoothContext(canvas);
-    if (smoothing !== "high") ctx.imageSmoothingQuality = smoothing;
-    ctx.drawImage(bitmap, 0, 0, w, h);
+    const canvas = await window.draw(png, maxWidth, smoothing);
     const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/jpeg", quality));
     const out = new Uint8Array(await blob.arrayBuffer());
     let text = "";
     for (let i = 0; i < out.length; i += 8192) text += String.fromCharCode(...out.subarray(i, i + 8192));
     return btoa(text);
 }"""
-
-
 # The canvas's pixels before JPEG encoding, to compare with PIL's resampling filters.
-_DRAWN = """async ([png, w, h]) => {
-    const bytes = Uint8Array.from(atob(png), (c) => c.charCodeAt(0));
-    const bitmap = await createImageBitmap(new Blob([bytes], {type: "image/png"}));
-    const canvas = document.createElement("canvas");
-    canvas.width = w;
-    canvas.height = h;
-    const ctx = window.streamModule.smoothContext(canvas);
-    ctx.drawImage(bitmap, 0, 0, w, h);
-    return Array.from(ctx.getImageData(0, 0, w, h).data);
+_DRAWN = """async ([png, maxWidth]) => {
+    const canvas = await window.draw(png, maxWidth, "high");
+    return Array.from(canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data);
 }"""
 PIL_FILTERS = {f.name.lower(): f for f in (Image.Resampling.BOX, Image.Resampling.BILINEAR, Image.Resampling.HAMMING,
                                            Image.Resampling.BICUBIC, Image.Resampling.LANCZOS)}
@@ -119,7 +115,7 @@ def filter_agreement(page, images: list[Image.Image], client_width: int) -> dict
             if source.width <= client_width:
                 continue
             w, h = client_width, round(source.height * client_width / source.width)
-            drawn = np.array(page.evaluate(_DRAWN, [_png(source), w, h]), np.float32).reshape(h, w, 4)[:, :, :3]
+            drawn = np.array(page.evaluate(_DRAWN, [_png(source), w]), np.float32).reshape(h, w, 4)[:, :, :3]
             row = differences.setdefault(f"{source.width}->{w}", {})
             for name, resampling in PIL_FILTERS.items():
                 pil = np.asarray(source.resize((w, h), resampling), np.float32)
