@@ -43,7 +43,6 @@ export function scaledSize(width, height, maxWidth) {
   return [Math.round(w), Math.max(1, Math.round(height * w / width))];
 }
 
-/** What the page knows of the displays: Window Management API's screen.isExtended where supported. */
 /**
  * The canvas's 2D context, set to scale down with a filter. Chromium's default ("low") point-samples a bitmap:
  * a screen two or three times the frame width comes out with text in broken stripes, unlike the filtered
@@ -56,6 +55,7 @@ export function smoothContext(canvas) {
   return ctx;
 }
 
+/** What the page knows of the displays: Window Management API's screen.isExtended where supported. */
 export function displayInfo() {
   const extended = typeof screen.isExtended === "boolean" ? screen.isExtended : null;
   return { extended, displays: extended ? 2 : 1 };
