@@ -30,12 +30,13 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.heads import head_scores  # noqa: E402
 from benchmarks.machine import describe as describe_machine  # noqa: E402
 from proctor.batching import decode  # noqa: E402
 from proctor.config import Config  # noqa: E402
 from proctor.models.backbone import load_backbone  # noqa: E402
 from proctor.models.demo import DEMO_HEADS_DIR  # noqa: E402
-from proctor.models.heads import HeadStack, read_head_file  # noqa: E402
+from proctor.models.heads import read_head_file  # noqa: E402
 from proctor.models.training import evaluate, list_images  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
@@ -160,12 +161,7 @@ def main() -> int:
     pixel_diff = [float(np.abs(a.astype(np.float32) - b).mean()) for a, b in zip(python_inputs, browser_inputs)]
 
     def scores(frames: list[np.ndarray]) -> np.ndarray:
-        result = np.zeros((len(frames), len(heads)), np.float32)
-        for pooling in sorted({h.pooling for h in heads}):
-            columns = [j for j, h in enumerate(heads) if h.pooling == pooling]
-            feats = backbone.extract(frames, pooling=pooling)
-            result[:, columns] = HeadStack.build([heads[j] for j in columns]).apply(torch.from_numpy(feats)).numpy()
-        return result
+        return head_scores(heads, len(frames), lambda pooling: backbone.extract(frames, pooling=pooling))
 
     python_scores, browser_scores = scores(python_inputs), scores(browser_inputs)
     programs_arr = np.array(programs)

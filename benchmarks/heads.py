@@ -21,6 +21,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -70,15 +71,13 @@ def main() -> int:
         programs += [folder.name] * len(found)
     programs_arr = np.array(programs)
     start = time.monotonic()
-    # Heads of one pooling share one backbone pass, as in the engine.
-    scores = np.zeros((len(images), len(heads)), np.float32)
-    for pooling in sorted({h.pooling for h in heads}):
-        columns = [j for j, h in enumerate(heads) if h.pooling == pooling]
+
+    def served_features(pooling: str) -> np.ndarray:
         cache = FeatureCache(args.cache_dir / "features", backbone, pooling, args.client_width,
                              Config().client_jpeg_quality)
-        feats = features(images, 1, backbone, cache)[:, 0]
-        stack = HeadStack.build([heads[j] for j in columns])
-        scores[:, columns] = stack.apply(torch.from_numpy(feats)).numpy()
+        return features(images, 1, backbone, cache)[:, 0]
+
+    scores = head_scores(heads, len(images), served_features)
     feature_s = time.monotonic() - start
 
     per_head = {}
@@ -122,6 +121,17 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text + "\n")
     return 0
+
+
+def head_scores(heads: list, count: int, features_for: Callable[[str], np.ndarray]) -> np.ndarray:
+    """Scores [count, len(heads)]: heads of one pooling share one backbone pass (`features_for(pooling)`), as in
+    the engine."""
+    scores = np.zeros((count, len(heads)), np.float32)
+    for pooling in sorted({h.pooling for h in heads}):
+        columns = [j for j, h in enumerate(heads) if h.pooling == pooling]
+        stack = HeadStack.build([heads[j] for j in columns])
+        scores[:, columns] = stack.apply(torch.from_numpy(features_for(pooling))).numpy()
+    return scores
 
 
 def _resolutions(heldout: Path) -> list[str]:
