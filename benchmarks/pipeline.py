@@ -3,9 +3,10 @@
 
 Measures, on the same frames:
   backbone_fps  the shared backbone alone (with the pooling new heads are trained with) on pre-decoded
-                frames at --batch: the best of the server's layout (one single-threaded batch per core at
-                once) and one batch at a time on every core (and, for comparison, every other runtime it
-                can run);
+                frames at --batch: the best of several layouts (one single-threaded batch per core at once,
+                as the server runs, or one batch at a time on every core; each with ONNX Runtime called on
+                slices of 1, 2, 4 frames or the whole batch, see --cpu-batch) and, for comparison, every
+                other runtime it can run;
   pipeline_fps  the whole path: JPEG decode + change-detection thumbnail (thread pool) + dynamic batcher + backbone + all heads
                 as one matmul + whitelist verdict per frame;
   naive_fps     how one-model-per-program servers work: decode, then one full eager-PyTorch
@@ -86,13 +87,31 @@ def make_heads(engine: Engine, count: int) -> None:
     engine.set_heads(heads)
 
 
+WHOLE_BATCH = 1024  # cpu_batch at its maximum: every batch in one ONNX Runtime call
+
+
 def backbone_engines(config: Config) -> list[Engine]:
-    """The layouts backbone_fps is the best of: the server's (one single-threaded batch per core at once)
-    first, then one batch at a time on every core."""
+    """The layouts backbone_fps is the best of, the server's own (`config`) first.
+
+    Layouts: one single-threaded batch per core at once (the server's) and one batch at a time on every core,
+    each calling ONNX Runtime on slices of `config.cpu_batch`, 1, 2 or 4 frames or the whole batch: which is
+    fastest depends on the CPU's cache, so the baseline does not assume the server's choice.
+    """
     engine = Engine.from_config(config)
-    if engine.workers == 1:
+    if engine.runtime != "onnx":
         return [engine]
-    return [engine, Engine.from_config(config.replace(inference_workers=1))]
+    per_core = dict.fromkeys([config.cpu_batch, 1, 2, 4, WHOLE_BATCH])
+    layouts = [(config.inference_workers, size) for size in per_core]
+    if engine.workers > 1:
+        layouts += [(1, size) for size in dict.fromkeys([config.cpu_batch, WHOLE_BATCH])]
+    return [engine] + [Engine.from_config(config.replace(inference_workers=workers, cpu_batch=size))
+                       for workers, size in layouts[1:]]
+
+
+def layout_name(engine: Engine) -> str:
+    """'2x1/2': batches at once x threads each / frames per ONNX Runtime call ('all': the whole batch)."""
+    size = engine.cpu_batch
+    return f"{engine.workers}x{engine.threads}/{'all' if size is None or size >= WHOLE_BATCH else size}"
 
 
 def time_backbone(engine: Engine, frames: list[np.ndarray], batch: int, seconds: float) -> float:
@@ -194,12 +213,12 @@ def main() -> int:
         decoded += decoded
     print(f"engine: {engine.describe()}", flush=True)
 
-    # The server's layout, and one batch at a time on all cores: the baseline is the better of the two.
-    by_layout = {f"{e.workers}x{e.threads}": time_backbone(e, decoded, args.batch, args.seconds)
-                 for e in (engine, *other_layouts)}
+    # The server's layout and the others backbone_engines lists: the baseline is the best of them.
+    by_layout = {layout_name(e): time_backbone(e, decoded, args.batch, args.seconds) for e in (engine, *other_layouts)}
     del other_layouts
     for layout, fps in by_layout.items():
-        print(f"backbone {engine.runtime}, {layout} (batches at once x threads each): {fps:.1f} frames/s", flush=True)
+        print(f"backbone {engine.runtime}, {layout} (batches at once x threads each / frames per call): "
+              f"{fps:.1f} frames/s", flush=True)
     by_runtime = {engine.runtime: max(by_layout.values())}
     other_runtimes = ["torch"] if engine.runtime == "onnx" else []
     for runtime in other_runtimes:
@@ -221,7 +240,7 @@ def main() -> int:
         "pipeline_vs_backbone": round(pipeline_fps / by_runtime[engine.runtime], 3),
         "backbone_fps_by_runtime": {k: round(v, 2) for k, v in by_runtime.items()},
         "backbone_fps_by_layout": {k: round(v, 2) for k, v in by_layout.items()},
-        "server_layout": f"{engine.workers}x{engine.threads}",
+        "server_layout": layout_name(engine),
         "machine": describe_machine(torch=torch.__version__,
                                     gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None),
     }

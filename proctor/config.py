@@ -52,6 +52,10 @@ class Config:
     # Batches in the model at once. 0 (auto): one per CPU core with ONNX Runtime, each single-threaded;
     # 1 on CUDA (or with eager torch on the CPU).
     inference_workers: int = 0
+    # Frames per ONNX Runtime call on the CPU: a batch from the batcher is run in slices of this many. The
+    # model's activations for 2 frames at 320x180 (about 11 MB at the widest layer) stay in the CPU's cache;
+    # for 32 they go out to memory: here 2 gave 231 frames/s against 203 for 32 (benchmarks/pipeline.py).
+    cpu_batch: int = 2
     # "cpu": libjpeg-turbo in the decode threads; "gpu": nvJPEG batch decode on the CUDA device,
     # which frees the CPU cores for many streams (needs device cuda).
     decode_device: str = "cpu"
@@ -113,6 +117,7 @@ def _validate(c: Config) -> None:
          "gpu decoding needs --device cuda or auto")
     need(1 <= c.decode_threads <= 64, "decode_threads", c.decode_threads, "must be 1..64")
     need(0 <= c.inference_workers <= 64, "inference_workers", c.inference_workers, "must be 0 (auto) or 1..64")
+    need(1 <= c.cpu_batch <= 1024, "cpu_batch", c.cpu_batch, "must be 1..1024")
     need((c.tls_cert is None) == (c.tls_key is None), "tls_cert/tls_key", (c.tls_cert, c.tls_key),
          "give both or neither")
     for path_name in ("tls_cert", "tls_key"):

@@ -34,6 +34,7 @@ def test_flags_win_over_environment_which_wins_over_defaults():
     (["--trusted-proxies", "proxy.local"], "trusted_proxies"),
     (["--log-level", "LOUD"], "log_level"),
     (["--inference-workers", "-1"], "inference_workers"),
+    (["--cpu-batch", "0"], "cpu_batch"),
 ])
 def test_bad_values_are_refused_with_their_name(argv, named):
     with pytest.raises(ConfigError, match=f"invalid {named}="):

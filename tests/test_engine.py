@@ -114,6 +114,32 @@ def test_workers_classify_batches_at_the_same_time(backbone, tmp_path):
         Engine(bb.BackboneLibrary([backbone]), device="cpu", runtime="onnx", workers=0)
 
 
+def test_cpu_batch_runs_a_batch_in_slices_with_the_same_scores(backbone, onnx_cache, onnx_engine):
+    sliced = Engine(bb.BackboneLibrary([backbone]), device="cpu", runtime="onnx", cache_dir=onnx_cache, cpu_batch=2)
+    heads = _heads(backbone.spec, 3)
+    sliced.set_heads(heads)
+    onnx_engine.set_heads(heads)
+    (runner,) = sliced._runners.values()
+    session, calls = runner.session, []
+
+    class CountingSession:
+        def run(self, outputs, feed):
+            calls.append(len(feed[runner.input_name]))
+            return session.run(outputs, feed)
+
+    runner.session = CountingSession()
+    frames = _frames(5, seed=4)
+    np.testing.assert_allclose(sliced.classify(frames).values, onnx_engine.classify(frames).values, atol=1e-5)
+    assert calls == [2, 2, 1]  # 5 frames in slices of at most 2, in order
+    np.testing.assert_allclose(sliced.features(frames), onnx_engine.features(frames), atol=1e-5)
+    assert sliced.describe()["cpu_batch"] == 2 and onnx_engine.describe()["cpu_batch"] is None
+    # From the server's config (default 2); eager torch has no slices; nonsense is refused.
+    assert Engine.from_config(Config(data_dir=str(onnx_cache), cpu_batch=3), runtime="onnx").cpu_batch == 3
+    assert Engine.from_config(Config(data_dir=str(onnx_cache)), runtime="torch").cpu_batch is None
+    with pytest.raises(EngineError, match="cpu_batch"):
+        Engine(bb.BackboneLibrary([backbone]), device="cpu", runtime="onnx", cpu_batch=0)
+
+
 def test_avg_max2x2_heads_classify_alike_in_onnx_and_torch(backbone, tmp_path):
     # 80x45 gives a 3x2 map: the grid's cells overlap, which the ONNX graph must cut as torch does.
     odd = dataclasses.replace(backbone.spec, preprocessing=Preprocessing(width=80, height=45), pooling="avg_max2x2")

@@ -55,7 +55,7 @@ class _OnnxRunner:
     """A backbone + pooling as an ONNX Runtime session on the CPU."""
 
     def __init__(self, backbone: Backbone, preprocessing: Preprocessing, pooling: str, cache_dir: Path | None,
-                 threads: int):
+                 threads: int, frames_per_call: int | None = None):
         import onnxruntime as ort
 
         from proctor.models.onnx_export import INPUT_NAME, export_onnx
@@ -72,11 +72,17 @@ class _OnnxRunner:
         source = str(graph) if isinstance(graph, Path) else graph
         self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         self.input_name = INPUT_NAME
+        self.frames_per_call = frames_per_call
 
     def __call__(self, frames: torch.Tensor) -> torch.Tensor:
         # Session.run is thread-safe: concurrent calls (one per inference worker) share the weights.
         array = np.ascontiguousarray(frames.numpy())
-        return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
+        step = self.frames_per_call or len(array)
+        if len(array) <= step:
+            return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
+        # Slices small enough that the activations stay in the CPU's cache (Config.cpu_batch).
+        return torch.from_numpy(np.concatenate([self.session.run(None, {self.input_name: array[i:i + step]})[0]
+                                                for i in range(0, len(array), step)]))
 
 
 class _TorchRunner:
@@ -144,7 +150,7 @@ class Engine:
 
     def __init__(self, library: BackboneLibrary, device: str = "auto", runtime: str = "auto",
                  cache_dir: str | os.PathLike | None = None, threads: int | None = None, precision: str = "fp16",
-                 workers: int = 1):
+                 workers: int = 1, cpu_batch: int | None = None):
         if runtime not in RUNTIMES:
             raise EngineError(f"runtime={runtime!r}: expected one of {', '.join(RUNTIMES)}")
         if precision not in PRECISIONS:
@@ -165,6 +171,10 @@ class Engine:
         self.workers = workers if runtime == "onnx" else 1
         # ONNX Runtime threads per call: by default the cores shared out among the workers.
         self.threads = threads or max(1, (os.cpu_count() or 1) // self.workers)
+        # Frames per ONNX Runtime call (None: a whole batch at once); see Config.cpu_batch.
+        if cpu_batch is not None and cpu_batch < 1:
+            raise EngineError(f"cpu_batch={cpu_batch!r}: must be >= 1")
+        self.cpu_batch = cpu_batch if runtime == "onnx" else None
         self._calls_lock = threading.Lock()
         self._runners: dict[GroupKey, Runner] = {}
         self._feature_runners: dict[GroupKey, Runner] = {}  # for features(), kept apart from the head groups
@@ -172,16 +182,18 @@ class Engine:
         self._backbone_calls = 0
         default = library.default.spec.preprocessing
         self._state = _State((), (), (), (default.width, default.height))
-        logger.info("model engine on %s with %s (%d worker(s) x %d thread(s)), default backbone %s", self.device,
-                    runtime, self.workers, self.threads, library.default)
+        logger.info("model engine on %s with %s (%d worker(s) x %d thread(s)%s), default backbone %s", self.device,
+                    runtime, self.workers, self.threads,
+                    f", {self.cpu_batch} frame(s) per call" if self.cpu_batch else "", library.default)
 
     @classmethod
     def from_config(cls, config: Any, runtime: str = "auto") -> "Engine":
-        """The server's engine: Config.backbone_weights, device, inference_workers; caches under <data_dir>/cache."""
+        """The server's engine: Config.backbone_weights, device, inference_workers, cpu_batch; caches under
+        <data_dir>/cache."""
         library = BackboneLibrary.from_config(config)
         workers = config.inference_workers or (os.cpu_count() or 1)  # 0: one per core (the CPU only)
         return cls(library, device=config.device, runtime=runtime, cache_dir=Path(config.data_dir) / "cache",
-                   workers=workers)
+                   workers=workers, cpu_batch=config.cpu_batch)
 
     @classmethod
     def random(cls, seed: int = 0, width: int = 64, height: int = 36, runtime: str = "torch",
@@ -340,7 +352,7 @@ class Engine:
 
     def _make_runner(self, backbone: Backbone, preprocessing: Preprocessing, pooling: str) -> Runner:
         if self.runtime == "onnx":
-            runner: Runner = _OnnxRunner(backbone, preprocessing, pooling, self.cache_dir, self.threads)
+            runner: Runner = _OnnxRunner(backbone, preprocessing, pooling, self.cache_dir, self.threads, self.cpu_batch)
         else:
             runner = _TorchRunner(backbone, preprocessing, pooling, self.device, self.precision)
         # One pass now, so the first students' frames do not pay for lazy allocation and kernel set-up.
@@ -383,7 +395,7 @@ class Engine:
         """What runs where, for logs and health pages."""
         state = self._state
         return {"device": str(self.device), "runtime": self.runtime, "workers": self.workers,
-                "threads": self.threads, "frame_size": list(state.frame_size),
+                "threads": self.threads, "cpu_batch": self.cpu_batch, "frame_size": list(state.frame_size),
                 "backbone": self.backbone.weights_hash, "heads": len(state.heads),
                 "groups": [{"backbone": g.key[0][:12], "input": f"{g.preprocessing.width}x{g.preprocessing.height}",
                             "pooling": g.key[2], "heads": len(g.stack.heads)} for g in state.groups]}
