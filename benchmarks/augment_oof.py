@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.machine import describe as describe_machine  # noqa: E402
-from benchmarks.pooling_oof import auc, mean_over_seeds, oof_parser, training_set, write_result  # noqa: E402
+from benchmarks.machine import write_result  # noqa: E402
+from benchmarks.pooling_oof import auc, mean_over_seeds, oof_parser, training_set  # noqa: E402
 from proctor.models.backbone import load_backbone  # noqa: E402
 from proctor.models.training import (  # noqa: E402
     FeatureCache, TrainOptions, _fit, backdrops, evaluate, features, fold_ids, pick_threshold,

@@ -7,7 +7,6 @@ Uses the bundled backbone (converted once into a temporary cache). Prints a tabl
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -21,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.machine import write_result  # noqa: E402
 from proctor.models import backbone as bb  # noqa: E402
 from proctor.models.engine import Engine  # noqa: E402
 from proctor.models.heads import HeadStack, make_head  # noqa: E402
@@ -96,8 +96,7 @@ def main() -> int:
     results["load_average_after"] = list(os.getloadavg())
     print(f"load average before/after: {results['load_average_before'][0]:.1f} / "
           f"{results['load_average_after'][0]:.1f} (on {os.cpu_count()} CPUs)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_result(args.out, results)
     print(f"wrote {args.out}")
     return 0
 

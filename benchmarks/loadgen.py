@@ -41,7 +41,7 @@ _REPO = Path(__file__).resolve().parent.parent
 if str(_REPO) not in sys.path:  # run as a script from anywhere: proctor.protocol is the wire format
     sys.path.insert(0, str(_REPO))
 
-from benchmarks.machine import describe as describe_machine  # noqa: E402
+from benchmarks.machine import describe as describe_machine, write_result  # noqa: E402
 from proctor.protocol import E_REPLACED, pack_frame  # noqa: E402
 
 # Bounds: a typo must not turn the load generator into a flood or a run that never ends.
@@ -1160,8 +1160,7 @@ async def run(opts: Options) -> dict[str, Any]:
               "machine": describe_machine(), "server_url": opts.url,
               "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if opts.json_path is not None:
-        opts.json_path.parent.mkdir(parents=True, exist_ok=True)
-        opts.json_path.write_text(json.dumps(report, indent=2) + "\n")
+        write_result(opts.json_path, report)
         print(f"figures written to {opts.json_path}")
     return report
 

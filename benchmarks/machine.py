@@ -1,8 +1,9 @@
-"""Where benchmark figures were measured: written into every results JSON."""
+"""Where benchmark figures were measured (written into every results JSON), and writing those JSON files."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 from pathlib import Path
@@ -24,3 +25,9 @@ def describe(**extra: Any) -> dict[str, Any]:
                 memory_gb = round(int(line.split()[1]) / 2**20, 1)
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": memory_gb, "os": platform.platform(),
             "python": platform.python_version(), **extra}
+
+
+def write_result(path: Path, result: dict[str, Any]) -> None:
+    """A benchmark's figures as indented JSON, folders created as needed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")

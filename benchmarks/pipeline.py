@@ -34,7 +34,7 @@ import torchvision
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.machine import describe as describe_machine  # noqa: E402
+from benchmarks.machine import describe as describe_machine, write_result  # noqa: E402
 from proctor.batching import decode  # noqa: E402
 from proctor.batching.batcher import DynamicBatcher  # noqa: E402
 from proctor.config import Config  # noqa: E402
@@ -246,8 +246,7 @@ def main() -> int:
     }
     print(json.dumps(result, indent=2))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_result(args.json, result)
     return 0
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.machine import describe as describe_machine  # noqa: E402
+from benchmarks.machine import describe as describe_machine, write_result  # noqa: E402
 from proctor.models.backbone import POOLINGS, Pool, frames_to_tensor, load_backbone, to_input  # noqa: E402
 from proctor.models.training import (  # noqa: E402
     AUGMENT_VERSION, TrainOptions, _fit, _variant_seed, augment, decode, evaluate, fold_ids, list_images,
@@ -147,11 +147,6 @@ def mean_over_seeds(runs: dict) -> dict:
     """Every summary figure of the per-seed runs, averaged over the seeds."""
     first = next(iter(runs.values()))["summary"]
     return {k: round(float(np.mean([r["summary"][k] for r in runs.values()])), 5) for k in first}
-
-
-def write_result(path: Path, result: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def main() -> int:

@@ -721,3 +721,30 @@ async def test_credentials_for_another_server_or_too_few_students_are_refused(tm
     loadgen.Credentials(exam_id=7, students=[("s1", "pw")], server="http://127.0.0.1:9").dump(creds)
     with pytest.raises(loadgen.LoadgenError, match="has 1 students, 20 are needed"):
         await loadgen.run(opts)
+
+
+async def test_login_storm_times_every_login_and_counts_refusals(tmp_path: Path) -> None:
+    from benchmarks import login_storm
+
+    fake = FakeProctor()
+    fake.users.update({f"s{i}": (f"password-{i:03d}", "student") for i in range(6)})
+    runner, url = await _serve(fake.app())
+    fake.origin = url
+    try:
+        students = [(f"s{i}", f"password-{i:03d}") for i in range(5)] + [("s5", "a wrong password")]
+        storm = await login_storm.login_storm(url, students, concurrency=2)
+    finally:
+        await runner.cleanup()
+    assert (storm["logins"], storm["succeeded"], storm["error_count"]) == (6, 5, 1)
+    assert "401" in storm["errors"][0] and storm["login_ms"]["p50"] > 0
+    assert len(fake.sessions) == 5  # every good login really reached the server
+
+
+async def test_login_storm_needs_enough_students_in_the_credentials(tmp_path: Path) -> None:
+    from benchmarks import login_storm
+
+    path = tmp_path / "creds.json"
+    loadgen.Credentials(exam_id=1, students=[("s0", "p" * 12)] * 3, server="http://127.0.0.1:1").dump(path)
+    args = login_storm.build_parser().parse_args(["--credentials", str(path), "--students", "2", "--logins", "2"])
+    with pytest.raises(loadgen.LoadgenError, match="holds 3 students; --students 2 \\+ --logins 2 are needed"):
+        await login_storm.run(args)

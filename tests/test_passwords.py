@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import sys
+import threading
+import time
+
 import pytest
 from argon2 import PasswordHasher
 
 from proctor.passwords import (
-    MIN_LENGTH, WeakPassword, check_strength, generate_password, hash_password, hash_password_async, needs_rehash,
-    verify_password, verify_password_async,
+    HASHING_NICE, MIN_LENGTH, WeakPassword, check_strength, generate_password, hash_password, hash_password_async,
+    needs_rehash, run_hashing, verify_password, verify_password_async,
 )
 
 
@@ -67,3 +73,23 @@ async def test_async_variants_run_off_the_loop():
     task.cancel()
     assert results == [True, False, True]
     assert ticks >= 5  # the loop kept running while argon2 worked
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+async def test_hashing_runs_one_at_a_time_in_a_thread_below_the_streams():
+    # A hall logging in at once must not take the cores from the model: argon2 runs niced, one check at a time.
+    own_nice = os.getpriority(os.PRIO_PROCESS, 0)
+    spans = []
+
+    def work() -> int:
+        started = time.monotonic()
+        time.sleep(0.05)
+        spans.append((started, time.monotonic(), threading.get_native_id()))
+        return os.getpriority(os.PRIO_PROCESS, 0)  # who=0: the calling thread
+
+    nice_values = await asyncio.gather(*(run_hashing(work) for _ in range(3)))
+    assert nice_values == [min(19, own_nice + HASHING_NICE)] * 3 and HASHING_NICE > 0
+    spans.sort()
+    assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:]))  # never two at once
+    assert threading.get_native_id() not in {tid for _, _, tid in spans}  # never on the event loop
+    assert os.getpriority(os.PRIO_PROCESS, 0) == own_nice  # the rest of the server keeps its priority

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import secrets
@@ -11,7 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from proctor.appkeys import CLASSIFIER_KEY, STORE_KEY
-from proctor.passwords import hash_password, verify_password
+from proctor.passwords import hash_password, run_hashing, verify_password
 from proctor.storage.base import Conflict, Exam, InvalidData, NotFound, Store, StoreUnavailable, User
 from proctor.web import services as sv
 from proctor.web.auth import (WEB_STATE_KEY, client_address, csrf_token, end_session, require_user,
@@ -133,8 +132,7 @@ async def check_login(request: web.Request, username: str, password: str) -> Use
         user: User | None = await store.get_user_by_name(username)
     except NotFound:
         user = None
-    loop = asyncio.get_running_loop()
-    ok = await loop.run_in_executor(None, _verify, user.password_hash if user else None, password)
+    ok = await run_hashing(_verify, user.password_hash if user else None, password)
     if not ok or user is None:
         limiter.failed(username, address)
         await store.audit(user.id if user else None, "login.failed", f"user:{username}",

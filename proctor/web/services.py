@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 from proctor.config import MAX_REQUEST_BYTES
-from proctor.passwords import WeakPassword, check_strength, generate_password, hash_password
+from proctor.passwords import WeakPassword, check_strength, generate_password, hash_password_async
 from proctor.storage.base import (REVIEW_STATES, ROLES, Alert, Conflict, Exam, HeadRecord, InvalidData,
                                   NotFound, SessionEvent, Store, User)
 
@@ -101,11 +101,6 @@ def head_json(head: HeadRecord) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------- users
 
 
-async def _hash(password: str) -> str:
-    # argon2 takes tens of milliseconds of CPU: keep it off the event loop that carries the streams.
-    return await asyncio.get_running_loop().run_in_executor(None, hash_password, password)
-
-
 def _check_password(password: str) -> None:
     try:
         check_strength(password)
@@ -131,7 +126,7 @@ async def create_user(store: Store, actor: User, username: str, full_name: str, 
     else:
         password = generated = generate_password()
     try:
-        user = await store.create_user(username, full_name or username, role, await _hash(password))
+        user = await store.create_user(username, full_name or username, role, await hash_password_async(password))
     except Conflict:
         raise WebError(409, f"username {username!r} is already taken") from None
     await store.audit(actor.id, "user.created", f"user:{user.id}", {"username": username, "role": role})
@@ -162,7 +157,7 @@ async def reset_password(store: Store, actor: User, user_id: int, password: str 
         _check_password(password)
     else:
         password = generated = generate_password()
-    await store.set_password(user_id, await _hash(password))
+    await store.set_password(user_id, await hash_password_async(password))
     await store.audit(actor.id, "user.password_reset", f"user:{user_id}", {"username": user.username})
     return user, generated
 
