@@ -213,7 +213,7 @@ def main() -> int:
         decoded += decoded
     print(f"engine: {engine.describe()}", flush=True)
 
-    # The server's layout and the others backbone_engines lists: the baseline is the best of them.
+    # Every layout backbone_engines lists, the server's first: the baseline is the best of them.
     by_layout = {layout_name(e): time_backbone(e, decoded, args.batch, args.seconds) for e in (engine, *other_layouts)}
     del other_layouts
     for layout, fps in by_layout.items():

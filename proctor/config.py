@@ -54,7 +54,7 @@ class Config:
     inference_workers: int = 0
     # Frames per ONNX Runtime call on the CPU: a batch from the batcher is run in slices of this many. The
     # model's activations for 2 frames at 320x180 (about 11 MB at the widest layer) stay in the CPU's cache;
-    # for 32 they go out to memory: here 2 gave 231 frames/s against 203 for 32 (benchmarks/pipeline.py).
+    # for 32 they go out to memory: here 2 gave 229 frames/s against 203 for 32 (benchmarks/pipeline.py).
     cpu_batch: int = 2
     # "cpu": libjpeg-turbo in the decode threads; "gpu": nvJPEG batch decode on the CUDA device,
     # which frees the CPU cores for many streams (needs device cuda).
