@@ -15,6 +15,8 @@ _DECODE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0)
 _INFERENCE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
+# A password check is ~0.1-0.2 s of argon2; at exam start checks queue one behind the other for seconds.
+_LOGIN_BUCKETS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
 
 class Metrics:
@@ -48,6 +50,10 @@ class Metrics:
         self.frame_latency_seconds = Histogram("proctor_frame_latency_seconds",
                                                "Frame received to verdict sent.",
                                                buckets=_LATENCY_BUCKETS, registry=r)
+        self.password_check_seconds = Histogram(
+            "proctor_password_check_seconds",
+            "Login password checks, waiting included: they run one at a time, behind the streams.",
+            buckets=_LOGIN_BUCKETS, registry=r)
         self.queue_depth = Gauge("proctor_queue_depth", "Frames waiting in the batcher queue.", registry=r)
         self.active_streams = Gauge("proctor_active_streams", "Student WebSocket streams open.", registry=r)
         self.active_exams = Gauge("proctor_active_exams", "Exams with at least one open stream.",

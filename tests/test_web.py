@@ -136,6 +136,18 @@ async def test_login_sets_httponly_lax_cookie_and_me_works(client):
     assert (await me.json())["user"]["role"] == "teacher"
 
 
+async def test_password_checks_are_timed_for_the_dashboard(client):
+    checks = client.app[METRICS_KEY].password_check_seconds
+
+    def count() -> float:
+        return next(s.value for m in checks.collect() for s in m.samples if s.name.endswith("_count"))
+
+    assert count() == 0
+    assert (await client.post("/api/login", json={"username": "teach-a", "password": PASSWORD})).status == 200
+    assert (await client.post("/api/login", json={"username": "nobody", "password": "nope-nope-nope"})).status == 401
+    assert count() == 2  # good and bad logins alike: both wait for an argon2 check
+
+
 async def test_wrong_password_and_unknown_user_get_the_same_401(client):
     r1 = await client.post("/api/login", json={"username": "teach-a", "password": "nope-nope-nope"})
     r2 = await client.post("/api/login", json={"username": "nobody", "password": "nope-nope-nope"})

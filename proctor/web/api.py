@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import time
 from typing import Any
 
 from aiohttp import web
 
-from proctor.appkeys import CLASSIFIER_KEY, STORE_KEY
+from proctor.appkeys import CLASSIFIER_KEY, METRICS_KEY, STORE_KEY
 from proctor.passwords import hash_password, run_hashing, verify_password
 from proctor.storage.base import Conflict, Exam, InvalidData, NotFound, Store, StoreUnavailable, User
 from proctor.web import services as sv
@@ -132,7 +133,9 @@ async def check_login(request: web.Request, username: str, password: str) -> Use
         user: User | None = await store.get_user_by_name(username)
     except NotFound:
         user = None
+    started = time.perf_counter()
     ok = await run_hashing(_verify, user.password_hash if user else None, password)
+    request.app[METRICS_KEY].password_check_seconds.observe(time.perf_counter() - started)
     if not ok or user is None:
         limiter.failed(username, address)
         await store.audit(user.id if user else None, "login.failed", f"user:{username}",
