@@ -25,26 +25,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.machine import describe as describe_machine  # noqa: E402
-from benchmarks.machine import write_result  # noqa: E402
+from benchmarks.machine import describe as describe_machine, write_result  # noqa: E402
 from benchmarks.pooling_oof import auc, mean_over_seeds, oof_parser, training_set  # noqa: E402
-from proctor.models.backbone import load_backbone  # noqa: E402
+from proctor.models.backbone import BackboneSpec, load_backbone  # noqa: E402
+from proctor.models.heads import make_head  # noqa: E402
 from proctor.models.training import (  # noqa: E402
     FeatureCache, TrainOptions, _fit, backdrops, evaluate, features, fold_ids, pick_threshold,
 )
 
 
-def _scores(tensors: dict, x: np.ndarray) -> np.ndarray:
-    if "hidden.weight" in tensors:  # the MLP head (`_fit` with TrainOptions.mlp)
-        hidden = np.maximum(x @ tensors["hidden.weight"].T + tensors["hidden.bias"], 0)
-        z = hidden @ tensors["out.weight"][0] + tensors["out.bias"][0]
-    else:
-        z = x @ tensors["weight"][0] + tensors["bias"][0]
-    return 1 / (1 + np.exp(-np.clip(z, -50, 50)))
-
-
 def cross_validate(feats: np.ndarray, behind: np.ndarray, programs: np.ndarray, copies: int, overlaps: int,
-                   seed: int, mlp: bool = False) -> dict:
+                   seed: int, spec: BackboneSpec, mlp: bool = False) -> dict:
     """Every head's out-of-fold results with `overlaps` overlap copies in training, as train_head computes them."""
     options = TrainOptions(seed=seed, overlaps=overlaps, mlp=mlp)
     n, _, dim = feats.shape
@@ -61,8 +52,10 @@ def cross_validate(feats: np.ndarray, behind: np.ndarray, programs: np.ndarray, 
             train = fold != f
             use = train[:, None] & (shown != f)
             use[:, [v for v in range(feats.shape[1]) if v not in train_v]] = False
-            t = _fit(feats[use], copy_labels[use], options)
-            oof[~train] = _scores(t, feats[~train].reshape(-1, dim)).reshape(-1, feats.shape[1])
+            # Scored by the head as train_head makes it (Head.scores), logistic or MLP.
+            model = make_head(head, head, "mlp" if mlp else "logistic", _fit(feats[use], copy_labels[use], options),
+                              spec, pooling=options.pooling)
+            oof[~train] = model.scores(feats[~train].reshape(-1, dim)).reshape(-1, feats.shape[1])
         o = oof[:, 0]
         threshold = pick_threshold(o[labels == 1], o[labels == 0], options.target_far, options.threshold_position)
         plain = evaluate(o, labels, threshold)
@@ -121,7 +114,7 @@ def main() -> int:
     for kind in kinds:
         for overlaps in options:
             runs = {seed: cross_validate(feats, behind, np.array(programs), defaults.copies, overlaps, seed,
-                                         mlp=kind == "mlp")
+                                         backbone.spec, mlp=kind == "mlp")
                     for seed in seeds}
             mean = mean_over_seeds(runs)
             key = str(overlaps) if kind == "logistic" else f"mlp-{overlaps}"

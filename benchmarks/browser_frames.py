@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.heads import head_scores  # noqa: E402
-from benchmarks.machine import describe as describe_machine  # noqa: E402
+from benchmarks.machine import describe as describe_machine, write_result  # noqa: E402
 from proctor.batching import decode  # noqa: E402
 from proctor.config import Config  # noqa: E402
 from proctor.models.backbone import load_backbone  # noqa: E402
@@ -85,7 +85,7 @@ def _png(image: Image.Image) -> str:
 
 
 def in_chromium(work):
-    """work(page) with stream.js loaded as `window.streamModule` in a headless Chromium page."""
+    """work(page) in a headless Chromium page where stream.js is loaded and `window.draw` is defined."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -190,10 +190,8 @@ def main() -> int:
               "min_balanced_accuracy_browser": min(h["balanced_accuracy_browser"] for h in per_head.values()),
               "heads": per_head, "browser": CHROMIUM,
               "machine": describe_machine(torch=torch.__version__)}
-    text = json.dumps(result, indent=2)
-    print(text)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
+    print(json.dumps(result, indent=2))
+    write_result(out, result)
     return 0
 
 

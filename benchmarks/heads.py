@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.machine import describe as describe_machine  # noqa: E402
+from benchmarks.machine import describe as describe_machine, write_result  # noqa: E402
 from proctor.config import Config  # noqa: E402
 from proctor.models.backbone import load_backbone  # noqa: E402
 from proctor.models.demo import DEMO_HEADS_DIR  # noqa: E402
@@ -116,10 +116,8 @@ def main() -> int:
               "feature_seconds": round(feature_s, 2), "heads": per_head, "whitelist": whitelist,
               "min_balanced_accuracy": min((h.get("balanced_accuracy", 0.0) for h in per_head.values()), default=0.0),
               "machine": describe_machine(torch=torch.__version__, torch_threads=torch.get_num_threads())}
-    text = json.dumps(result, indent=2)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
     return 0
 
 

@@ -100,12 +100,11 @@ def backbone_engines(config: Config) -> list[Engine]:
     engine = Engine.from_config(config)
     if engine.runtime != "onnx":
         return [engine]
-    per_core = dict.fromkeys([config.cpu_batch, 1, 2, 4, WHOLE_BATCH])
-    layouts = [(config.inference_workers, size) for size in per_core]
+    others = [(config.inference_workers, size) for size in (1, 2, 4, WHOLE_BATCH) if size != config.cpu_batch]
     if engine.workers > 1:
-        layouts += [(1, size) for size in dict.fromkeys([config.cpu_batch, WHOLE_BATCH])]
+        others += [(1, size) for size in dict.fromkeys([config.cpu_batch, WHOLE_BATCH])]
     return [engine] + [Engine.from_config(config.replace(inference_workers=workers, cpu_batch=size))
-                       for workers, size in layouts[1:]]
+                       for workers, size in others]
 
 
 def layout_name(engine: Engine) -> str:

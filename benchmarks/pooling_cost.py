@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.machine import describe as describe_machine  # noqa: E402
+from benchmarks.machine import describe as describe_machine, write_result  # noqa: E402
 from proctor.models import backbone as bb  # noqa: E402
 from proctor.models.engine import _OnnxRunner  # noqa: E402
 from proctor.models.heads import HeadStack, make_head  # noqa: E402
@@ -79,10 +79,8 @@ def main() -> int:
               "load_average_before": [round(v, 2) for v in load_before],
               "load_average_after": [round(v, 2) for v in os.getloadavg()],
               "machine": describe_machine(torch=torch.__version__)}
-    text = json.dumps(result, indent=2)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
+    print(json.dumps(result, indent=2))
+    write_result(args.out, result)
     return 0
 
 
