@@ -2,6 +2,9 @@
 
 The held-out set (data/screens-heldout, captured by scripts/capture-screens --split heldout) has other
 files AND other screen resolutions/window sizes than the training set the demo heads were trained on.
+--heldout may be given more than once (e.g. a larger split captured with another seed at other resolutions):
+heads are judged on all the folders together, and on each one apart (`by_split`). Every wrong decision is
+listed by file (`missed`, `accepted`), so a result can be checked by looking at the screenshots.
 Each head is judged at its own stored threshold: positives = its program's held-out frames, negatives =
 every other program's. The whitelist check allows two programs; a frame alerts when no allowed head
 scores at or above its threshold (per frame, without the server's smoothing over recent frames):
@@ -10,7 +13,7 @@ an alert on an allowed program's frame is a false alert, no alert on another pro
 Frames are judged as the server gets them: scaled to --client-width (default: the server's --client-max-width)
 by the student page, JPEG-encoded, decoded by DCT scaling to the model input.
 
-Usage: PYTHONPATH=. .venv/bin/python benchmarks/heads.py [--heldout data/screens-heldout] [--allow geany,mupdf]
+Usage: PYTHONPATH=. .venv/bin/python benchmarks/heads.py [--heldout DIR ...] [--allow geany,mupdf]
 Prints JSON and writes it to benchmarks/results/heads.json.
 """
 
@@ -38,7 +41,8 @@ from proctor.models.training import FeatureCache, read_images, evaluate, feature
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--heldout", type=Path, default=Path("data/screens-heldout"))
+    parser.add_argument("--heldout", type=Path, action="append",
+                        help="a held-out folder of program folders; repeat for several (default: data/screens-heldout)")
     parser.add_argument("--allow", default="geany,mupdf", help="the two (or more) heads of the whitelist")
     parser.add_argument("--cache-dir", type=Path, default=Path("var/cache"))
     parser.add_argument("--backbone-weights", default="bundled")
@@ -54,22 +58,26 @@ def main() -> int:
     if not heads:
         print(f"benchmarks/heads.py: no head files in {args.heads_dir}", file=sys.stderr)
         return 2
-    folders = sorted(p for p in args.heldout.iterdir() if p.is_dir()) if args.heldout.is_dir() else []
-    if not folders:
-        print(f"benchmarks/heads.py: {args.heldout}: no program folders", file=sys.stderr)
-        return 2
+    splits = args.heldout or [Path("data/screens-heldout")]
+    for split in splits:
+        if not split.is_dir() or not any(p.is_dir() for p in split.iterdir()):
+            print(f"benchmarks/heads.py: {split}: no program folders", file=sys.stderr)
+            return 2
     backbone = load_backbone(args.backbone_weights, args.cache_dir)
     for head in heads:
         if head.backbone_hash != backbone.weights_hash:
             print(f"benchmarks/heads.py: head {head.name} needs backbone {head.backbone_hash[:12]}, "
                   f"{args.backbone_weights} is {backbone.weights_hash[:12]}", file=sys.stderr)
             return 2
-    programs, images = [], []
-    for folder in folders:
-        found = read_images(list_images(folder, "held-out"), "held-out")
-        images += found
-        programs += [folder.name] * len(found)
-    programs_arr = np.array(programs)
+    programs, images, split_of = [], [], []
+    for split in splits:
+        for folder in sorted(p for p in split.iterdir() if p.is_dir()):
+            found = read_images(list_images(folder, "held-out"), "held-out")
+            images += found
+            programs += [folder.name] * len(found)
+            split_of += [str(split)] * len(found)
+    programs_arr, split_arr = np.array(programs), np.array(split_of)
+    files = np.array([image.label for image in images])
     start = time.monotonic()
 
     def served_features(pooling: str) -> np.ndarray:
@@ -84,11 +92,18 @@ def main() -> int:
     for j, head in enumerate(heads):
         labels = (programs_arr == head.name).astype(int)
         if labels.sum() == 0:
-            per_head[head.name] = {"error": f"no held-out folder {args.heldout / head.name}"}
+            per_head[head.name] = {"error": f"no held-out folder {head.name} in {', '.join(map(str, splits))}"}
             continue
-        per_head[head.name] = {"program": head.program, "threshold": round(head.threshold, 6),
-                               "positives": int(labels.sum()), "negatives": int((1 - labels).sum()),
-                               **evaluate(scores[:, j], labels, head.threshold)}
+        passed = scores[:, j] >= head.threshold
+        per_head[head.name] = {
+            "program": head.program, "threshold": round(head.threshold, 6),
+            "positives": int(labels.sum()), "negatives": int((1 - labels).sum()),
+            **evaluate(scores[:, j], labels, head.threshold),
+            "missed": _listed(files, scores[:, j], (labels == 1) & ~passed),
+            "accepted": _listed(files, scores[:, j], (labels == 0) & passed),
+            "by_split": {str(split): evaluate(scores[split_arr == str(split), j],
+                                              labels[split_arr == str(split)], head.threshold)
+                         for split in splits} if len(splits) > 1 else {}}
 
     allowed = [a for a in args.allow.split(",") if a]
     index = {h.name: j for j, h in enumerate(heads)}
@@ -102,13 +117,16 @@ def main() -> int:
     alert = ~accepted
     is_allowed = np.isin(programs_arr, allowed)
     whitelist = {"allowed": allowed, "allowed_frames": int(is_allowed.sum()),
+                 "false_alert_files": [str(f) for f in files[alert & is_allowed]],
+                 "missed_files": [str(f) for f in files[~alert & ~is_allowed]],
                  "other_frames": int((~is_allowed).sum()),
                  "false_alerts": int((alert & is_allowed).sum()),
                  "false_alert_rate": round(float((alert & is_allowed).sum() / max(1, is_allowed.sum())), 4),
                  "missed": int((~alert & ~is_allowed).sum()),
                  "miss_rate": round(float((~alert & ~is_allowed).sum() / max(1, (~is_allowed).sum())), 4)}
-    resolutions = _resolutions(args.heldout)
-    result = {"benchmark": "heads", "heldout": str(args.heldout), "heldout_resolutions": resolutions,
+    resolutions = sorted({r for split in splits for r in _resolutions(split)})
+    result = {"benchmark": "heads", "heldout": [str(split) for split in splits], "heldout_resolutions": resolutions,
+              "frames_by_split": {str(split): int((split_arr == str(split)).sum()) for split in splits},
               "frames": len(images), "backbone": backbone.spec.source, "backbone_hash": backbone.weights_hash,
               "input": f"{backbone.spec.preprocessing.width}x{backbone.spec.preprocessing.height}",
               "client_width": args.client_width,
@@ -130,6 +148,12 @@ def head_scores(heads: list, count: int, features_for: Callable[[str], np.ndarra
         stack = HeadStack.build([heads[j] for j in columns])
         scores[:, columns] = stack.apply(torch.from_numpy(features_for(pooling))).numpy()
     return scores
+
+
+def _listed(files: np.ndarray, scores: np.ndarray, wrong: np.ndarray) -> list[list]:
+    """[file, score] of the wrong decisions, lowest score first."""
+    order = np.argsort(scores[wrong])
+    return [[str(files[wrong][i]), round(float(scores[wrong][i]), 4)] for i in order]
 
 
 def _resolutions(heldout: Path) -> list[str]:
