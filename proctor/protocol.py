@@ -59,6 +59,7 @@ CLOSE_INTERNAL = 1011
 CLOSE_EXAM_ENDED = 4000
 CLOSE_REPLACED_BY_NEW_CONNECTION = 4001
 CLOSE_ACCOUNT_DEACTIVATED = 4003
+CLOSE_PASSWORD_RESET = 4004       # the account's password was reset: log in again
 
 
 class ProtocolError(ValueError):

@@ -297,6 +297,10 @@ async def _notifications_ctx(app: web.Application) -> AsyncIterator[None]:
             elif channel == "user" and payload.get("active") is False:
                 await hub.close_user(int(payload["id"]), protocol.CLOSE_ACCOUNT_DEACTIVATED,
                                      "your account was deactivated")
+            elif channel == "user" and payload.get("password_reset"):
+                # Its session cookies stopped working with the old password; its open sockets end too.
+                await hub.close_user(int(payload["id"]), protocol.CLOSE_PASSWORD_RESET,
+                                     "your password was reset: log in again")
             elif payload.get("node") == hub.node_id:
                 return  # our own alert/presence: already fanned out locally
             elif channel == "alert":
@@ -371,7 +375,8 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
     session = StreamSession(request.app[STREAM_CTX_KEY], exam, user, ws)
     try:
-        await session.run()
+        with request.app[HUB_KEY].user_socket(user.id, ws):
+            await session.run()
     except Exception:
         logger.exception("stream of %s in exam %d failed", user.username, exam.id)
         await ws.close(code=protocol.CLOSE_INTERNAL, message=b"internal error")
@@ -392,8 +397,9 @@ async def live_handler(request: web.Request) -> web.StreamResponse:
     try:
         roster = await store.list_roster(exam.id)
         outbox.send(hub.add_teacher(exam.id, roster=roster, outbox=outbox))
-        async for _ in ws:
-            pass  # teachers only listen; incoming messages are ignored
+        with hub.user_socket(user.id, ws):
+            async for _ in ws:
+                pass  # teachers only listen; incoming messages are ignored
     except StoreError:
         logger.exception("live view of exam %d failed", exam.id)
         await ws.close(code=protocol.CLOSE_INTERNAL, message=b"database unavailable")

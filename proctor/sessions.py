@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextlib
 import logging
 import time
 import uuid
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from aiohttp import WSMsgType, web
@@ -148,6 +149,9 @@ class Hub:
         self._rooms: dict[int, _ExamRoom] = collections.defaultdict(_ExamRoom)
         # Cross-node fan-out: store.publish(channel, payload) when several nodes share PostgreSQL.
         self._publish = publish
+        # Every open WebSocket of each user on this node (streams, live views, sample recordings), so an
+        # account that is deactivated or has its password reset loses all of them at once.
+        self._user_sockets: dict[int, set[web.WebSocketResponse]] = collections.defaultdict(set)
 
     def room(self, exam_id: int) -> _ExamRoom:
         return self._rooms[exam_id]
@@ -253,10 +257,23 @@ class Hub:
         """Close every student stream of the exam, all at once: each close waits for its client's reply."""
         await asyncio.gather(*(session.close(code, reason) for session in self.streams(exam_id)))
 
+    @contextlib.contextmanager
+    def user_socket(self, user_id: int, ws: web.WebSocketResponse) -> Iterator[None]:
+        """Count `ws` among the user's open sockets while the block runs (see `close_user`)."""
+        self._user_sockets[user_id].add(ws)
+        try:
+            yield
+        finally:
+            sockets = self._user_sockets.get(user_id)
+            if sockets is not None:
+                sockets.discard(ws)
+                if not sockets:
+                    del self._user_sockets[user_id]
+
     async def close_user(self, user_id: int, code: int, reason: str) -> None:
-        """Close every stream of one student on this node, in every exam (the account was deactivated)."""
-        sessions = [room.streams[user_id] for room in list(self._rooms.values()) if user_id in room.streams]
-        await asyncio.gather(*(session.close(code, reason) for session in sessions))
+        """Close every open socket of one user on this node: streams in every exam, live views, recordings."""
+        sockets = list(self._user_sockets.get(user_id, ()))
+        await asyncio.gather(*(ws.close(code=code, message=reason.encode()) for ws in sockets if not ws.closed))
 
     async def end_exam(self, exam_id: int, code: int, reason: str) -> None:
         """The exam has ended: close its streams; its room is forgotten once its last socket has gone."""

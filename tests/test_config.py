@@ -35,6 +35,7 @@ def test_flags_win_over_environment_which_wins_over_defaults():
     (["--log-level", "LOUD"], "log_level"),
     (["--inference-workers", "-1"], "inference_workers"),
     (["--cpu-batch", "0"], "cpu_batch"),
+    (["--login-failures-per-address", "0"], "login_failures_per_address"),
 ])
 def test_bad_values_are_refused_with_their_name(argv, named):
     with pytest.raises(ConfigError, match=f"invalid {named}="):

@@ -135,22 +135,36 @@ async def close_code(ws):
     return msg.data
 
 
-async def test_deactivating_a_student_closes_their_open_stream(client, hall, store):
-    await store.create_user("admin-1", "Admin", "admin", hash_password(PASSWORD))
-    student = await store.get_user_by_name("stud-in")
-    await login(client, "stud-in")
-    ws = await client.ws_connect(f"/ws/exams/{hall.id}/stream", headers={"Origin": origin(client)})
-    assert (await ws.receive_json(timeout=5))["type"] == "config"
+async def admin_post(client, path, body=None):
+    """POST as a freshly created admin from a second cookie jar; returns the response's status."""
     async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as other:
         base = origin(client)
         resp = await other.post(base + "/api/login", json={"username": "admin-1", "password": PASSWORD})
         token = (await resp.json())["csrf_token"]
-        resp = await other.post(base + f"/api/users/{student.id}/deactivate", headers={"X-CSRF-Token": token})
-        assert resp.status == 200, await resp.text()
-    # The account was deactivated while streaming: the stream ends now, not at the next reconnect.
-    assert await close_code(ws) == 4003
+        resp = await other.post(base + path, json=body or {}, headers={"X-CSRF-Token": token})
+        return resp.status
+
+
+@pytest.mark.parametrize("username, socket, first, action, body, code, reconnect", [
+    # Deactivated while streaming: the stream ends now, not at the next reconnect.
+    ("stud-in", "stream", "config", "deactivate", None, 4003, (401, 403)),
+    # The page's login ended with the old password: the stream ends now, and a reconnect is refused.
+    ("stud-in", "stream", "config", "password", {"password": "a-new-passphrase!"}, 4004, (401,)),
+    # Otherwise a deactivated teacher would go on receiving the hall's alerts and evidence thumbnails.
+    ("teach-a", "live", "snapshot", "deactivate", None, 4003, (401, 403)),
+])
+async def test_deactivation_or_password_reset_closes_the_accounts_open_sockets(client, hall, store, username, socket,
+                                                                               first, action, body, code, reconnect):
+    await store.create_user("admin-1", "Admin", "admin", hash_password(PASSWORD))
+    user = await store.get_user_by_name(username)
+    await login(client, username)
+    path = f"/ws/exams/{hall.id}/{socket}"
+    ws = await client.ws_connect(path, headers={"Origin": origin(client)})
+    assert (await ws.receive_json(timeout=5))["type"] == first
+    assert await admin_post(client, f"/api/users/{user.id}/{action}", body) == 200
+    assert await close_code(ws) == code
     await ws.close()
-    assert await ws_status(client, f"/ws/exams/{hall.id}/stream", {"Origin": origin(client)}) in (401, 403)
+    assert await ws_status(client, path, {"Origin": origin(client)}) in reconnect
 
 
 async def test_deactivating_a_student_from_the_command_line_closes_their_stream(client, hall, sqlite_url,

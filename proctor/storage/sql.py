@@ -195,6 +195,8 @@ class SqlStore:
                                       _int("user id", user_id))
         if not changed:
             raise NotFound(f"no user with id {user_id}")
+        # Running servers close the account's open sockets and forget its failed logins.
+        await self.publish("user", {"id": int(user_id), "password_reset": True})
 
     # exams ---------------------------------------------------------------------------------------
 

@@ -125,28 +125,36 @@ async def check_login(request: web.Request, username: str, password: str) -> Use
     """The user these credentials belong to; WebError 429 when rate-limited, 401 when wrong."""
     limiter = request.app[WEB_STATE_KEY].limiter
     address = client_address(request)
-    wait = limiter.retry_after(username, address)
+    wait = limiter.begin(username, address)
     if wait > 0:
-        raise sv.WebError(429, f"too many failed logins; try again in {int(wait) + 1} seconds")
-    store = _store(request)
+        raise sv.WebError(429, f"too many login attempts; try again in {int(wait) + 1} seconds")
+    outcome: bool | None = None  # neither right nor wrong when the database failed or the client went away
     try:
-        user: User | None = await store.get_user_by_name(username)
+        user, ok = await _verify_login(request, username, password)
+        outcome = ok
+    finally:
+        limiter.end(username, address, outcome)
+    store = _store(request)
+    if user is None or not ok:
+        await store.audit(user.id if user else None, "login.failed", f"user:{username}", {"address": address})
+        raise sv.WebError(401, "wrong username or password")
+    if not user.active:
+        await store.audit(user.id, "login.refused", f"user:{user.id}", {"reason": "deactivated"})
+        raise sv.WebError(403, "this account is deactivated; ask an administrator")
+    await store.audit(user.id, "login", f"user:{user.id}", {"address": address})
+    return user
+
+
+async def _verify_login(request: web.Request, username: str, password: str) -> tuple[User | None, bool]:
+    """(the account of that name or None, whether the password is right); an unknown name costs a hash too."""
+    try:
+        user: User | None = await _store(request).get_user_by_name(username)
     except NotFound:
         user = None
     started = time.perf_counter()
     ok = await run_hashing(_verify, user.password_hash if user else None, password)
     request.app[METRICS_KEY].password_check_seconds.observe(time.perf_counter() - started)
-    if not ok or user is None:
-        limiter.failed(username, address)
-        await store.audit(user.id if user else None, "login.failed", f"user:{username}",
-                          {"address": address})
-        raise sv.WebError(401, "wrong username or password")
-    if not user.active:
-        await store.audit(user.id, "login.refused", f"user:{user.id}", {"reason": "deactivated"})
-        raise sv.WebError(403, "this account is deactivated; ask an administrator")
-    limiter.succeeded(username)
-    await store.audit(user.id, "login", f"user:{user.id}", {"address": address})
-    return user
+    return user, ok and user is not None
 
 
 @routes.post("/api/login")

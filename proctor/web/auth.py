@@ -18,14 +18,14 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 from urllib.parse import quote
 
 from aiohttp import web
 
 from proctor.appkeys import CONFIG_KEY, STORE_KEY
 from proctor.config import ConfigError
-from proctor.storage.base import NotFound, User
+from proctor.storage.base import NotFound, StoreError, User
 from proctor.web.services import TOO_LARGE_UPLOAD
 
 logger = logging.getLogger(__name__)
@@ -154,18 +154,27 @@ class SessionCodec:
 class LoginLimiter:
     """Failed-login counters per account and per client address, kept in memory (per node).
 
+    A login reserves its attempt (`begin`) before it waits for the database and the password hash, and
+    the attempt counts against its account until it ends: otherwise a burst of simultaneous logins
+    would all pass the check before the first failure was counted. Logins in progress from one address
+    are capped too, so one address cannot queue unbounded work in front of the hall's password checks.
+
     A node restart forgets them and each node counts on its own; that still caps guessing at a few
     attempts per minute per account, far below what an offline attack on argon2 hashes would need.
     """
 
-    def __init__(self, per_account: int = 5, per_address: int = 50, window_s: float = 300.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, per_account: int = 5, per_address: int = 300, window_s: float = 300.0,
+                 pending_per_address: int = 64, clock: Callable[[], float] = time.monotonic) -> None:
         self.per_account = per_account
         # Higher for addresses: an exam hall behind one NAT address has hundreds of students typing.
         self.per_address = per_address
         self.window_s = window_s
+        # About 10 s of password checks (one at a time, ~0.15 s each): a hall logging in at once through
+        # one address gets "try again in a few seconds" beyond that rather than a minute-long wait.
+        self.pending_per_address = pending_per_address
         self._clock = clock
         self._failures: dict[str, collections.deque[float]] = {}
+        self._pending: collections.Counter[str] = collections.Counter()
 
     def _recent(self, key: str) -> collections.deque[float]:
         now = self._clock()
@@ -179,25 +188,66 @@ class LoginLimiter:
         return times
 
     def retry_after(self, username: str, address: str) -> float:
-        """Seconds until a login may be tried again for this account and address (0 when allowed now)."""
+        """Seconds until a login may be tried for this account and address (0 when allowed now)."""
         wait = 0.0
-        for key, limit in (("u:" + username.lower(), self.per_account), ("a:" + address, self.per_address)):
-            times = self._recent(key)
-            if len(times) >= limit:
-                wait = max(wait, self.window_s - (self._clock() - times[0]))
+        now = self._clock()
+        account = _account_key(username)
+        failures = self._recent(account)
+        if len(failures) >= self.per_account:
+            wait = self.window_s - (now - failures[0])
+        elif len(failures) + self._pending[account] >= self.per_account:
+            wait = _PENDING_WAIT_S  # attempts still in progress may fail yet
+        by_address = self._recent(_address_key(address))
+        if len(by_address) >= self.per_address:
+            wait = max(wait, self.window_s - (now - by_address[0]))
+        if self._pending[_address_key(address)] >= self.pending_per_address:
+            wait = max(wait, _PENDING_WAIT_S)
         return max(wait, 0.0)
 
-    def failed(self, username: str, address: str) -> None:
+    def begin(self, username: str, address: str) -> float:
+        """Reserve a login attempt: 0 when it may go on (end it with `end`), else the seconds to wait."""
+        wait = self.retry_after(username, address)
+        if wait > 0:
+            return wait
+        self._pending[_account_key(username)] += 1
+        self._pending[_address_key(address)] += 1
+        return 0.0
+
+    def end(self, username: str, address: str, ok: bool | None) -> None:
+        """The attempt reserved by `begin` is over: a failure counts, a success clears the account, None neither."""
+        for key in (_account_key(username), _address_key(address)):
+            self._pending[key] -= 1
+            if self._pending[key] <= 0:
+                del self._pending[key]
+        if ok:
+            self.clear(username)
+        elif ok is not None:
+            self._failed(username, address)
+
+    def clear(self, username: str) -> None:
+        """Forget an account's failures (it logged in, or its password was reset)."""
+        self._failures.pop(_account_key(username), None)
+
+    def _failed(self, username: str, address: str) -> None:
         now = self._clock()
-        for key in ("u:" + username.lower(), "a:" + address):
+        for key in (_account_key(username), _address_key(address)):
             self._failures.setdefault(key, collections.deque()).append(now)
         if len(self._failures) > 100_000:  # bound memory under a spray of random usernames
             oldest = sorted(self._failures, key=lambda k: self._failures[k][-1])[:50_000]
             for key in oldest:
                 del self._failures[key]
 
-    def succeeded(self, username: str) -> None:
-        self._failures.pop("u:" + username.lower(), None)
+
+# What a login refused because of attempts in progress is told to wait: they end within seconds.
+_PENDING_WAIT_S = 5.0
+
+
+def _account_key(username: str) -> str:
+    return "u:" + username.lower()
+
+
+def _address_key(address: str) -> str:
+    return "a:" + address
 
 
 # ------------------------------------------------------------------------------------------------ state
@@ -412,5 +462,33 @@ def _refusal(request: web.Request, message: str) -> web.HTTPException:
 def setup_auth(app: web.Application) -> None:
     """Create the session codec and login limiter and install the security middleware."""
     config = app[CONFIG_KEY]
-    app[WEB_STATE_KEY] = WebState(codec=SessionCodec(load_secret_key(config.secret_key, config.data_dir)))
+    app[WEB_STATE_KEY] = WebState(codec=SessionCodec(load_secret_key(config.secret_key, config.data_dir)),
+                                  limiter=LoginLimiter(per_address=config.login_failures_per_address))
     app.middlewares.append(security_middleware)
+    app.cleanup_ctx.append(_forget_failures_on_reset)
+
+
+async def _forget_failures_on_reset(app: web.Application) -> AsyncIterator[None]:
+    """A password reset (through any node) lifts the account's failed-login wait on this node.
+
+    A classmate can lock a student out with five wrong passwords; an admin resetting the student's
+    password lets them in at once with the new one.
+    """
+    store = app[STORE_KEY]
+    limiter = app[WEB_STATE_KEY].limiter
+
+    async def on_notification(channel: str, payload: dict[str, Any]) -> None:
+        if channel != "user" or not payload.get("password_reset"):
+            return
+        try:
+            user = await store.get_user(int(payload["id"]))
+        except (StoreError, KeyError, TypeError, ValueError):
+            logger.warning("could not clear the failed logins of user %r after its password reset", payload.get("id"))
+            return
+        limiter.clear(user.username)
+
+    await store.subscribe(on_notification)
+    try:
+        yield
+    finally:
+        await store.unsubscribe(on_notification)

@@ -16,7 +16,7 @@ import numpy as np
 from aiohttp import WSMsgType, web
 
 from proctor import protocol
-from proctor.appkeys import CONFIG_KEY, STORE_KEY
+from proctor.appkeys import CONFIG_KEY, HUB_KEY, STORE_KEY
 from proctor.batching import decode
 from proctor.server import refuse, ws_user
 from proctor.storage import validate
@@ -201,7 +201,8 @@ async def samples_socket(request: web.Request) -> web.StreamResponse:
     recordings = request.app[_RECORDINGS]
     recordings.add(ws)
     try:
-        await recorder.run()
+        with request.app[HUB_KEY].user_socket(user.id, ws):
+            await recorder.run()
     except Exception:
         logger.exception("recording samples of %s by %s failed", label, user.username)
         await ws.close(code=protocol.CLOSE_INTERNAL, message=b"internal error")

@@ -159,6 +159,12 @@ function connect() {
       liveStatus.className = "status ended";
       return;
     }
+    if (event.code === 4003 || event.code === 4004) {
+      // Account deactivated or password reset: reconnecting would only be refused.
+      liveStatus.textContent = event.code === 4003 ? "account deactivated" : "password reset: log in again";
+      liveStatus.className = "status ended";
+      return;
+    }
     const delay = Math.round(backoff * (0.5 + Math.random() * 0.5));
     backoff = Math.min(backoff * 2, 30000);
     liveStatus.textContent = `disconnected, retrying in ${Math.ceil(delay / 1000)} s`;

@@ -13,6 +13,7 @@ const BACKOFF_MAX_MS = 30000;
 const CLOSE_EXAM_ENDED = 4000;
 const CLOSE_REPLACED = 4001;
 const CLOSE_ACCOUNT_DEACTIVATED = 4003;
+const CLOSE_PASSWORD_RESET = 4004;
 
 /** Refusal of a share that is not a whole screen; `message` explains it to the student. */
 export class NotWholeScreenError extends Error {
@@ -240,6 +241,13 @@ export class ScreenStreamer {
       this._closedForGood = true;
       this._teardownCapture();
       this._setState("error", "Your account was deactivated; this page stopped sharing. Ask your teacher.");
+      return;
+    }
+    if (event.code === CLOSE_PASSWORD_RESET) {
+      // This page's login ended with the old password: reconnecting would only be refused.
+      this._closedForGood = true;
+      this._teardownCapture();
+      this._setState("error", "Your password was reset; this page stopped sharing. Log in again with the new password.");
       return;
     }
     this._scheduleReconnect();
