@@ -120,9 +120,7 @@ def parse_control(text: str) -> dict[str, Any]:
         displays = message.get("displays", 1)
         if not isinstance(displays, int) or isinstance(displays, bool) or not 0 <= displays <= 64:
             raise ProtocolError(E_BAD_MESSAGE, "hello.displays must be an integer 0..64")
-        screen = message.get("screen", {})
-        if not isinstance(screen, dict):
-            raise ProtocolError(E_BAD_MESSAGE, "hello.screen must be an object")
+        message["screen"] = _screen_size(message.get("screen", {}))
         surface = message.get("surface", "monitor")
         if surface not in ("monitor", "window", "browser", None):
             raise ProtocolError(E_BAD_MESSAGE, "hello.surface must be monitor, window or browser")
@@ -130,6 +128,22 @@ def parse_control(text: str) -> dict[str, Any]:
         if message.get("state") not in ("started", "stopped"):
             raise ProtocolError(E_BAD_MESSAGE, "sharing.state must be started or stopped")
     return message
+
+
+def _screen_size(screen: Any) -> dict[str, int]:
+    """hello.screen cut down to its width and height: it is stored with the session's events, so nothing
+    else a page puts there (of any size) may reach the database."""
+    if not isinstance(screen, dict):
+        raise ProtocolError(E_BAD_MESSAGE, "hello.screen must be an object")
+    size = {}
+    for name in ("width", "height"):
+        value = screen.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 100_000:
+            raise ProtocolError(E_BAD_MESSAGE, f"hello.screen.{name} must be an integer 0..100000")
+        size[name] = value
+    return size
 
 
 def error_message(code: str, message: str, seq: int | None = None) -> dict[str, Any]:

@@ -373,6 +373,7 @@ class StreamSession:
         self._whole_screen = True
         self._sharing = True
         self._stale = False
+        self._displays_stored: dict[str, Any] | None = None  # the last "displays" event's detail
         # Change detection reference: the last frame that went through the model.
         self._last_bytes: bytes | None = None
         self._last_thumb: np.ndarray | None = None
@@ -472,8 +473,11 @@ class StreamSession:
                 self._error(protocol.E_NOT_SHARING_SCREEN,
                             f"share your whole screen, not a {surface}: frames are refused until you do")
             self.ctx.hub.set_presence(self.exam.id, self.user, "live", displays=displays)
-            self._event("displays", {"displays": displays, "surface": surface,
-                                     "screen": message.get("screen", {})})
+            detail = {"displays": displays, "surface": surface, "screen": message["screen"]}
+            if detail != self._displays_stored:
+                # A page repeating its hello (up to the control rate) must not fill the event log.
+                self._displays_stored = detail
+                self._event("displays", detail)
         elif kind == "sharing":
             self._sharing = message["state"] == "started"
             self.ctx.hub.set_presence(self.exam.id, self.user, "live" if self._sharing else "not_sharing")

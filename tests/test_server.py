@@ -15,6 +15,7 @@ from aiohttp import WSMsgType, web
 
 from fakes import FakeClassifier, HeaderAuthenticator, add_fake_heads, screen
 from proctor import protocol
+from proctor.appkeys import WRITER_KEY
 from proctor.batching import decode
 from proctor.config import Config
 from proctor.passwords import hash_password
@@ -557,6 +558,22 @@ async def test_teacher_sees_presence_and_displays(server, hall):
     await teacher.close()
 
 
+async def test_hello_stores_only_the_screen_size_and_only_when_it_changes(server, hall, store):
+    client = await server()
+    alice = await connect_student(client, hall["a"], hall["exam"], hello=False)
+    padded = {"width": 1920, "height": 1080, "junk": "\U0001f600" * 3000}  # ~48 kB once stored as JSON
+    for _ in range(3):  # a page repeating its hello
+        await alice.send_str(json.dumps({"type": "hello", "screen": padded, "displays": 1}, ensure_ascii=False))
+        await alice.send_json({"type": "heartbeat", "t": 1})
+        await next_of(alice, "heartbeat")
+    await alice.send_json({"type": "hello", "screen": {"width": "wide"}})
+    assert (await next_of(alice, "error"))["code"] == "bad_message"
+    await alice.close()
+    assert await client.server.app[WRITER_KEY].flush(5)
+    events = [e for e in await store.list_events(hall["exam"].id) if e.kind == "displays"]
+    assert [e.detail["screen"] for e in events] == [{"width": 1920, "height": 1080}]
+
+
 @pytest.mark.parametrize("who,origin,status", [
     (None, "self", 401),          # not logged in
     ("a", "http://evil.example", 403),  # forged Origin
@@ -796,8 +813,6 @@ async def test_a_flood_of_control_messages_is_refused_and_closes_the_stream(serv
     for i in range(60):
         await alice.send_json({"type": "hello", "displays": 1 + i % 2, "surface": "monitor"})
     assert await close_code_of(alice) == protocol.CLOSE_POLICY
-    from proctor.appkeys import WRITER_KEY
-
     assert await client.server.app[WRITER_KEY].flush(5)
     displays = [e for e in await store.list_events(hall["exam"].id) if e.kind == "displays"]
     assert 1 <= len(displays) <= 12
