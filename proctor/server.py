@@ -418,11 +418,19 @@ async def live_handler(request: web.Request) -> web.StreamResponse:
 async def metrics_handler(request: web.Request) -> web.Response:
     token = request.app[CONFIG_KEY].metrics_token
     if token is not None:
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        if not secrets_match(request.headers.get("Authorization", ""), f"Bearer {token}"):
             return web.json_response({"error": "metrics need the bearer token"}, status=401)
     body = generate_latest(request.app[METRICS_KEY].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def secrets_match(given: str, expected: str) -> bool:
+    """Constant-time comparison of a token from a request with the expected one.
+
+    Header bytes that are not UTF-8 reach us as surrogate characters: they must make a mismatch, not
+    a UnicodeEncodeError (a 500 with a traceback for anyone who sends them).
+    """
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass"))
 
 
 async def healthz_handler(request: web.Request) -> web.Response:

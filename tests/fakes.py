@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import numpy as np
@@ -97,3 +98,13 @@ class HeaderAuthenticator:
 
     def origin_allowed(self, request):
         return request.headers.get("Origin") == f"{request.scheme}://{request.host}"
+
+
+async def raw_http_status(client, request: bytes) -> int:
+    """Send raw HTTP/1.1 bytes to a test server (headers an HTTP library would refuse to send); the status."""
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    writer.write(request)
+    await writer.drain()
+    status_line = await reader.readline()
+    writer.close()
+    return int(status_line.split()[1])

@@ -13,7 +13,7 @@ import pytest
 import simplejpeg
 from aiohttp import WSMsgType, web
 
-from fakes import FakeClassifier, HeaderAuthenticator, add_fake_heads, screen
+from fakes import FakeClassifier, HeaderAuthenticator, add_fake_heads, raw_http_status, screen
 from proctor import protocol
 from proctor.appkeys import WRITER_KEY
 from proctor.batching import decode
@@ -626,6 +626,9 @@ async def test_metrics_health_and_readiness(server, hall):
     assert ready.status == 200 and (await ready.json())["status"] == "ready"
     assert (await client.get("/metrics")).status == 401
     assert (await client.get("/metrics", headers={"Authorization": "Bearer wrong"})).status == 401
+    # Header bytes that are not UTF-8: a refusal, not a 500 (they reach the handler as surrogates).
+    request = b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n"
+    assert await raw_http_status(client, request) == 401
     alice = await connect_student(client, hall["a"], hall["exam"])
     await send_frame(alice, 0, screen("green"))
     await answer_for(alice, 0)

@@ -22,10 +22,12 @@ from proctor.appkeys import CLASSIFIER_KEY, CONFIG_KEY, METRICS_KEY, STORE_KEY
 from proctor.config import Config, ConfigError
 from proctor.metrics import Metrics
 from proctor.passwords import hash_password
-from proctor.storage.base import Alert, SessionEvent
+from proctor.storage.base import Alert, SessionEvent, StoreUnavailable
 from proctor.storage.sqlite import SqliteStore
 from proctor.web import auth
 from proctor.web.services import parse_head_file
+
+from fakes import raw_http_status
 
 PASSWORD = "correct-horse-battery"
 
@@ -161,6 +163,49 @@ async def test_login_body_errors_are_clear(client):
     assert resp.status == 400 and "application/json" in (await resp.json())["error"]
     resp = await client.post("/api/login", json={"username": "teach-a"})
     assert resp.status == 400 and "'password'" in (await resp.json())["error"]
+
+
+def raw_post(path: str, content_type: bytes, body: bytes, extra: bytes = b"") -> bytes:
+    return (b"POST " + path.encode() + b" HTTP/1.1\r\nHost: localhost\r\nContent-Type: " + content_type +
+            b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n" + extra + b"Connection: close\r\n\r\n" + body)
+
+
+@pytest.mark.parametrize("path, content_type, body", [
+    ("/login", b"multipart/form-data", b"--x\r\n"),  # no boundary
+    ("/login", b"application/x-www-form-urlencoded", b"username=\xff&password=x"),  # not UTF-8
+    ("/login", b"application/x-www-form-urlencoded; charset=bogus", b"username=a&password=b"),
+    ("/api/login", b"application/json", b"[" * 100_000),  # nested past the parser's recursion limit
+    ("/api/login", b"application/json; charset=bogus", b"{}"),
+    ("/api/login", b"application/json", b'{"username": "\\ud800", "password": "x"}'),  # a lone surrogate
+])
+async def test_malformed_bodies_are_a_400_not_a_500(client, path, content_type, body, caplog):
+    # Before: each of these raised out of the handler, a 500 with a traceback in the log, without logging in.
+    assert await raw_http_status(client, raw_post(path, content_type, body)) == 400
+    assert "Traceback" not in caplog.text and "Error handling request" not in caplog.text
+
+
+async def test_token_headers_that_are_not_utf8_are_refused_not_a_500(client, world):
+    token = await login(client, "teach-a")
+    cookie = "; ".join(f"{c.key}={c.value}" for c in client.session.cookie_jar)
+    body = json.dumps({"name": "x"}).encode()
+    request = raw_post(f"/api/exams/{world.exam_a.id}/start", b"application/json", body,
+                       b"Cookie: " + cookie.encode() + b"\r\nX-CSRF-Token: \xff\xfe" + token.encode()[2:] + b"\r\n")
+    assert await raw_http_status(client, request) == 403
+
+
+async def test_pages_answer_404_past_64_bit_ids_and_503_while_the_database_is_down(client, world, monkeypatch):
+    await login(client, "teach-a")
+    resp = await client.get("/teacher/exams/99999999999999999999")
+    assert resp.status == 404 and "no such id" in await resp.text()
+
+    async def down(*args, **kwargs):
+        raise StoreUnavailable("connection refused")
+
+    # The page's own query fails, and so does reading the logged-in user for the error page's header.
+    monkeypatch.setattr(world.store, "get_exam", down)
+    monkeypatch.setattr(world.store, "get_user", down)
+    resp = await client.get(f"/teacher/exams/{world.exam_a.id}")
+    assert resp.status == 503 and "database is unavailable" in await resp.text()
 
 
 async def test_failed_logins_are_rate_limited_per_account(client):
@@ -759,5 +804,5 @@ async def test_head_upload_is_checked_off_the_event_loop(aiohttp_client, world, 
 async def test_ids_past_64_bits_are_a_clear_error(client, world):
     await login(client, "teach-a")
     resp = await client.get(f"/api/exams/{10**30}")
-    assert resp.status == 400
-    assert (await resp.json())["error"] == f"invalid exam id {10**30}: out of range"
+    assert resp.status == 404  # as on the WebSocket handshake: no exam has that id
+    assert (await resp.json())["error"] == f"no such id: {10**30}"

@@ -85,8 +85,10 @@ async def json_body(request: web.Request) -> dict[str, Any]:
         raise sv.bad(f"send a JSON object with Content-Type: application/json (got {request.content_type!r})")
     try:
         data = await request.json()
-    except ValueError:
-        raise sv.bad("request body is not valid JSON") from None
+        # A lone surrogate ("\ud800") parses but cannot be stored as text by either database.
+        json.dumps(data, ensure_ascii=False).encode()
+    except (ValueError, RecursionError, LookupError):  # also a body that is not UTF-8, or a bogus charset
+        raise sv.bad("request body is not valid JSON (UTF-8, nested less deeply than 1,000 levels)") from None
     if not isinstance(data, dict):
         raise sv.bad("request body must be a JSON object")
     return data
@@ -110,12 +112,19 @@ def _int_param(value: str | None, name: str) -> int | None:
         raise sv.bad(f"{name} must be an integer id, got {value!r}") from None
 
 
+# Ids are 64-bit integers in both databases: a larger one names nothing.
+_MAX_ID = 2 ** 63 - 1
+
+
 def path_id(request: web.Request, name: str = "id") -> int:
     raw = request.match_info[name]
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
         raise sv.WebError(404, f"{name} {raw!r} is not a number") from None
+    if not 0 <= value <= _MAX_ID:
+        raise sv.WebError(404, f"no such {name}: {raw}")
+    return value
 
 
 # ------------------------------------------------------------------------------------------------ login

@@ -25,6 +25,7 @@ from aiohttp import web
 
 from proctor.appkeys import CONFIG_KEY, STORE_KEY
 from proctor.config import ConfigError
+from proctor.server import secrets_match
 from proctor.storage.base import NotFound, StoreError, User
 from proctor.web.services import TOO_LARGE_UPLOAD
 
@@ -434,7 +435,7 @@ async def _check_unsafe_request(request: web.Request) -> None:
         if session is None or session.user_id is None or request.path == "/api/login":
             return
         token = request.headers.get(CSRF_HEADER, "")
-        if not hmac.compare_digest(token.encode(), session.csrf.encode()):
+        if not secrets_match(token, session.csrf):
             raise forbidden(f"CSRF check failed: send the csrf_token from POST /api/login or GET /api/me "
                             f"in the {CSRF_HEADER} header")
         return
@@ -446,9 +447,11 @@ async def _check_unsafe_request(request: web.Request) -> None:
         except web.HTTPRequestEntityTooLarge:
             raise web.HTTPRequestEntityTooLarge(max_size=request.client_max_size, actual_size=request.content_length,
                                                 text=TOO_LARGE_UPLOAD) from None
+        except (ValueError, LookupError):  # multipart without a boundary, bytes that are not UTF-8, a bogus charset
+            raise _bad_request(request, "the form's body could not be read; reload the page and try again") from None
         value = form.get(CSRF_FIELD, "")
         token = value if isinstance(value, str) else ""
-    if session is None or not token or not hmac.compare_digest(token.encode(), session.csrf.encode()):
+    if session is None or not token or not secrets_match(token, session.csrf):
         raise _refusal(request, "form refused: its CSRF token is missing or out of date; reload the page and "
                                 "try again")
 
@@ -457,6 +460,12 @@ def _refusal(request: web.Request, message: str) -> web.HTTPException:
     if is_api_path(request.path):
         return forbidden(message)
     return web.HTTPForbidden(text=message)
+
+
+def _bad_request(request: web.Request, message: str) -> web.HTTPException:
+    if is_api_path(request.path):
+        return _json_error(web.HTTPBadRequest, message)
+    return web.HTTPBadRequest(text=message)
 
 
 def setup_auth(app: web.Application) -> None:

@@ -9,7 +9,7 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from proctor.appkeys import CLASSIFIER_KEY, CONFIG_KEY, STORE_KEY
-from proctor.storage.base import Store, User
+from proctor.storage.base import InvalidData, NotFound, Store, StoreError, StoreUnavailable, User
 from proctor.web import services as sv
 from proctor.web.api import check_login, path_id, read_upload
 from proctor.web.auth import csrf_token, current_user, end_session, require_user, start_session
@@ -47,18 +47,36 @@ def _safe_next(target: str | None, user: User) -> str:
 
 @web.middleware
 async def page_error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Refusals on pages become a readable error page with the same status."""
+    """Refusals and store errors on pages become a readable error page with the same status."""
     if request.path.startswith(("/api/", "/ws/", "/static/")):
         return await handler(request)
     try:
         return await handler(request)
     except sv.WebError as exc:
-        return await render("error.html", request, {"status": exc.status, "message": exc.message}, status=exc.status)
+        return await _error_page(request, exc.status, exc.message)
     except web.HTTPForbidden as exc:
-        return await render("error.html", request, {"status": 403, "message": exc.text or "forbidden"}, status=403)
+        return await _error_page(request, 403, exc.text or "forbidden")
+    except web.HTTPBadRequest as exc:
+        return await _error_page(request, 400, exc.text or "bad request")
     except web.HTTPNotFound:
-        return await render("error.html", request, {"status": 404, "message": f"no page at {request.path}"},
-                      status=404)
+        return await _error_page(request, 404, f"no page at {request.path}")
+    except NotFound as exc:
+        return await _error_page(request, 404, str(exc) or "not found")
+    except InvalidData as exc:
+        return await _error_page(request, 400, str(exc))
+    except StoreUnavailable:
+        # The teacher sees why and can reload, not a bare 500.
+        logger.warning("store unavailable for %s %s", request.method, request.path)
+        return await _error_page(request, 503, "the database is unavailable; reload this page shortly")
+
+
+async def _error_page(request: web.Request, status: int, message: str) -> web.Response:
+    try:
+        user = await current_user(request)
+    except StoreError:  # the error being shown may be the database's own
+        user = None
+    context = {"user": user, "csrf_token": csrf_token(request), "status": status, "message": message}
+    return aiohttp_jinja2.render_template("error.html", request, context, status=status)
 
 
 # ------------------------------------------------------------------------------------------------ login
