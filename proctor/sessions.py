@@ -140,6 +140,10 @@ class _ExamRoom:
     ended: bool = False
 
 
+# Ended exams a hub remembers (ids only), far more than a server ends between restarts.
+_ENDED_REMEMBERED = 10_000
+
+
 class Hub:
     """Per exam: presence of each student, open streams, and the teacher sockets to fan out to."""
 
@@ -152,6 +156,9 @@ class Hub:
         # Every open WebSocket of each user on this node (streams, live views, sample recordings), so an
         # account that is deactivated or has its password reset loses all of them at once.
         self._user_sockets: dict[int, set[web.WebSocketResponse]] = collections.defaultdict(set)
+        # Exams that ended, newest last (bounded): presence notices other nodes send after the end must
+        # not bring a forgotten exam's room back, where nothing would ever forget it again.
+        self._ended: dict[int, None] = {}
 
     def room(self, exam_id: int) -> _ExamRoom:
         return self._rooms[exam_id]
@@ -198,6 +205,8 @@ class Hub:
 
     def set_presence(self, exam_id: int, user: User, state: PresenceState, displays: int | None = None,
                      *, from_node: str | None = None) -> None:
+        if from_node is not None and exam_id in self._ended:
+            return
         presence = self._presence(exam_id, user.id, user.username, user.full_name)
         changed = presence.state != state or (displays is not None and presence.displays != displays)
         presence.state = state
@@ -278,6 +287,9 @@ class Hub:
     async def end_exam(self, exam_id: int, code: int, reason: str) -> None:
         """The exam has ended: close its streams; its room is forgotten once its last socket has gone."""
         self.room(exam_id).ended = True
+        self._ended[exam_id] = None
+        while len(self._ended) > _ENDED_REMEMBERED:
+            del self._ended[next(iter(self._ended))]
         await self.close_exam(exam_id, code, reason)
         self._forget_if_done(exam_id)
 

@@ -886,6 +886,9 @@ async def test_an_ended_exam_is_forgotten_once_its_last_socket_closes(server, ha
         await asyncio.sleep(0.02)
     # Before: every exam's room (presence of each student) stayed in memory until the server restarted.
     assert hall["exam"].id not in hub._rooms
+    # Another node's late "disconnected" notice must not bring the room back for good.
+    hub.set_presence(hall["exam"].id, hall["b"], "disconnected", from_node="another-node")
+    assert hall["exam"].id not in hub._rooms
 
 
 async def test_gpu_memory_gauge_follows_the_model(store, hall, tmp_path, aiohttp_client):
