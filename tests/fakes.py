@@ -108,3 +108,37 @@ async def raw_http_status(client, request: bytes) -> int:
     status_line = await reader.readline()
     writer.close()
     return int(status_line.split()[1])
+
+
+def many_scan_jpeg(width: int, height: int, levels: int = 13) -> bytes:
+    """A valid progressive JPEG (grey picture, 4:4:4) split into as many scans as the format allows.
+
+    One DC scan, then for each component and each of the 63 AC coefficients a first scan at bit `levels`
+    and a refinement scan per lower bit: 3 x 63 x (levels + 1) + 1 scans, each a single run of empty
+    blocks, so the file stays small (about 33 kB at 640x360 with 2,647 scans) while libjpeg-turbo passes
+    over every block once per scan.
+    """
+    import struct
+
+    def segment(marker: int, payload: bytes) -> bytes:
+        return b"\xff" + bytes([marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+    def packed(bits: str) -> bytes:
+        bits += "1" * (-len(bits) % 8)
+        return bytes(int(bits[i:i + 8], 2) for i in range(0, len(bits), 8))
+
+    blocks = ((width + 7) // 8) * ((height + 7) // 8)
+    assert blocks < 1 << 15, "one end-of-band run per scan covers at most 32767 blocks"
+    r = blocks.bit_length() - 1  # the EOB-run symbol's size class: runs of 2**r .. 2**(r+1)-1 blocks
+    out = b"\xff\xd8" + segment(0xDB, b"\x00" + b"\x01" * 64)
+    out += segment(0xC2, struct.pack(">BHHB", 8, height, width, 3) + b"".join(bytes([c, 0x11, 0]) for c in (1, 2, 3)))
+    out += segment(0xC4, b"\x00" + bytes([1] + [0] * 15) + b"\x00")  # DC: one code, "difference 0"
+    out += segment(0xC4, b"\x10" + bytes([1] + [0] * 15) + bytes([r << 4]))  # AC: one code, an EOB run
+    out += segment(0xDA, bytes([3, 1, 0, 2, 0, 3, 0, 0, 0, 0])) + packed("0" * blocks * 3)
+    empty = packed("0" + format(blocks - (1 << r), f"0{r}b"))
+    passes = [(0, levels)] + [(bit, bit - 1) for bit in range(levels, 0, -1)]
+    for component in (1, 2, 3):
+        for k in range(1, 64):
+            for ah, al in passes:
+                out += segment(0xDA, bytes([1, component, 0, k, k, (ah << 4) | al])) + empty
+    return out + b"\xff\xd9"

@@ -1,10 +1,14 @@
+import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 import simplejpeg
+from PIL import Image
 
 from proctor.batching import decode
+
+from fakes import many_scan_jpeg
 
 
 def jpeg(width=1280, height=720, seed=0, quality=80):
@@ -56,6 +60,21 @@ def test_decompression_bomb_refused_from_header_alone():
     data[sof + 5:sof + 9] = (20000).to_bytes(2, "big") + (20000).to_bytes(2, "big")
     with pytest.raises(decode.TooManyPixels, match="20000x20000"):
         decode.check_size(bytes(data), max_pixels=3840 * 2160)
+
+
+def test_progressive_jpeg_with_too_many_scans_is_refused_from_its_markers():
+    flood = many_scan_jpeg(640, 360)  # 2,647 scans: a valid picture, decoded at ~100x a frame's cost
+    assert simplejpeg.decode_jpeg(flood, colorspace="RGB").shape == (360, 640, 3)
+    with pytest.raises(decode.DecodeError, match="2647 scans"):
+        decode.read_size(flood)
+    with pytest.raises(decode.DecodeError, match="scans"):
+        decode.check_size(memoryview(flood), max_pixels=3840 * 2160)
+    # An ordinary progressive JPEG (libjpeg's script: 10 scans) still passes and decodes.
+    buffer = io.BytesIO()
+    Image.new("RGB", (640, 360), (30, 90, 200)).save(buffer, "JPEG", progressive=True)
+    assert buffer.getvalue().count(b"\xff\xda") == 10
+    assert decode.read_size(buffer.getvalue()) == (640, 360)
+    assert decode.decode_rgb(buffer.getvalue(), (320, 180)).shape == (180, 320, 3)
 
 
 def test_thumbnail_sees_real_changes_and_ignores_recompression():

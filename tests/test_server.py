@@ -13,7 +13,7 @@ import pytest
 import simplejpeg
 from aiohttp import WSMsgType, web
 
-from fakes import FakeClassifier, HeaderAuthenticator, add_fake_heads, raw_http_status, screen
+from fakes import FakeClassifier, HeaderAuthenticator, add_fake_heads, many_scan_jpeg, raw_http_status, screen
 from proctor import protocol
 from proctor.appkeys import WRITER_KEY
 from proctor.batching import decode
@@ -453,6 +453,9 @@ async def test_bad_input_gets_clear_errors_and_the_session_goes_on(server, hall)
     assert (await answer_for(alice, 2))["code"] == "bad_jpeg"
     await send_frame(alice, 3, b"GIF89a" + b"\x00" * 100)
     assert (await answer_for(alice, 3))["code"] == "bad_jpeg"
+    await send_frame(alice, 5, many_scan_jpeg(640, 360))  # valid, but thousands of scans: refused undecoded
+    answer = await answer_for(alice, 5)
+    assert answer["code"] == "bad_jpeg" and "2647 scans" in answer["message"]
     await alice.send_bytes(b"\x01\x02")
     assert (await next_of(alice, "error"))["code"] == "bad_header"
     await alice.send_str("{not json")
