@@ -5,6 +5,8 @@ Pure code: no I/O, no torch, so every rule is tested exactly.
 
 from __future__ import annotations
 
+import math
+
 from collections import deque
 from dataclasses import dataclass
 from typing import Literal, Mapping, Sequence
@@ -47,8 +49,12 @@ class FrameVerdict:
 
 
 def judge(scores: Mapping[str, float], heads: Sequence[HeadInfo], policy: Policy) -> FrameVerdict:
-    """OK when some allowed head scores at or above its threshold; otherwise name a forbidden program if one fired."""
-    kept = {name: float(value) for name, value in scores.items()}
+    """OK when some allowed head scores at or above its threshold; otherwise name a forbidden program if one fired.
+
+    A score that is not a number (a broken head: NaN compares false with everything) counts as 0, not
+    fired: it must neither pass every frame of an exam that allows it nor reach the store, which refuses it.
+    """
+    kept = {name: (v if math.isfinite(v) else 0.0) for name, v in ((n, float(x)) for n, x in scores.items())}
     best_allowed: tuple[float, HeadInfo] | None = None
     best_forbidden: tuple[float, HeadInfo] | None = None
     for head in heads:

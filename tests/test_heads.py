@@ -163,6 +163,19 @@ def test_metadata_problems_are_named(tmp_path):
         read_head_file(_file_with_metadata({**good, "format": "other"}))
     with pytest.raises(HeadError, match="invalid preprocessing"):
         read_head_file(_file_with_metadata({**good, "preprocessing": {"width": 64}}))
+    # Fields of the wrong type or nesting: a HeadError naming the file, not a TypeError (a 500 on upload).
+    with pytest.raises(HeadError, match="invalid preprocessing"):
+        read_head_file(_file_with_metadata({**good, "preprocessing": 5}))
+    with pytest.raises(HeadError, match="invalid head metadata"):
+        read_head_file(_file_with_metadata({**good, "metrics": 5}))
+    with pytest.raises(HeadError, match="not JSON"):
+        read_head_file(save({"weight": np.zeros((1, F), np.float32), "bias": np.zeros(1, np.float32)},
+                            metadata={"proctor": "[" * 100_000}))
+    # Normalisation that is not a number, or absurd: every score of the head would be NaN or saturated.
+    for bad in ({"scale": float("nan")}, {"std": [0.0, 1.0, 1.0]}, {"mean": [1e300, 0, 0]}, {"scale": 1e9}):
+        pre = {**good["preprocessing"], **bad}
+        with pytest.raises(HeadError, match="invalid normalisation"):
+            read_head_file(_file_with_metadata({**good, "preprocessing": pre}))
     path = tmp_path / "wrong.safetensors"
     path.write_bytes(_file_with_metadata(good, {"weight": np.zeros((1, 5), np.float32),
                                                 "bias": np.zeros(1, np.float32)}))

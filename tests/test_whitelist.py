@@ -43,6 +43,15 @@ def test_allowed_wins_over_forbidden_on_the_same_frame():
     assert v.ok and v.program == "VS Code"
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_score_that_is_not_a_number_never_fires_and_is_kept_as_zero(bad):
+    # NaN compares false with every threshold: "not below" used to count it as fired, so a broken allowed
+    # head passed every frame, and its score then made the store refuse the alert.
+    v = judge(scores(vscode=bad), HEADS, POLICY)
+    assert not v.ok and v.reason == "unrecognised" and v.scores["vscode"] == 0.0
+    assert judge(scores(whatsapp=bad), HEADS, POLICY).reason == "unrecognised"
+
+
 def test_verdict_keeps_every_score_for_evidence():
     s = scores(vscode=0.1, whatsapp=0.2)
     v = judge(s, HEADS, POLICY)

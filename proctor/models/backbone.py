@@ -96,8 +96,8 @@ def preprocessing_from_dict(d: Mapping[str, Any]) -> Preprocessing:
         p = Preprocessing(width=int(d["width"]), height=int(d["height"]), scale=float(d["scale"]),
                           mean=tuple(float(v) for v in d["mean"]), std=tuple(float(v) for v in d["std"]),
                           channels=str(d.get("channels", "RGB")))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BackboneError(f"invalid preprocessing {dict(d)!r}: {exc}") from None
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
+        raise BackboneError(f"invalid preprocessing {d!r:.300}: {exc}") from None
     check_preprocessing(p)
     return p
 
@@ -105,8 +105,13 @@ def preprocessing_from_dict(d: Mapping[str, Any]) -> Preprocessing:
 def check_preprocessing(p: Preprocessing) -> None:
     if not (16 <= p.width <= 4096 and 16 <= p.height <= 4096):
         raise BackboneError(f"invalid input size {p.width}x{p.height}: each side must be 16..4096")
-    if len(p.mean) != 3 or len(p.std) != 3 or any(s == 0 for s in p.std) or p.scale <= 0:
-        raise BackboneError(f"invalid normalisation scale={p.scale} mean={p.mean} std={p.std}")
+    # Finite and within what any convention uses (scale 1/255 or 1, means up to ~124, stds ~0.2-60): NaN
+    # or a huge value here would make every score of the head NaN or saturated.
+    if (len(p.mean) != 3 or len(p.std) != 3 or not 1e-6 <= p.scale <= 1e3
+            or not all(math.isfinite(m) and abs(m) <= 1e4 for m in p.mean)
+            or not all(math.isfinite(s) and 1e-6 <= abs(s) <= 1e4 for s in p.std)):
+        raise BackboneError(f"invalid normalisation scale={p.scale} mean={p.mean} std={p.std}: scale must be "
+                            f"1e-6..1000, three means within +-10000 and three stds of size 1e-6..10000")
     if p.channels not in ("RGB", "BGR"):
         raise BackboneError(f"invalid channels {p.channels!r}: expected RGB or BGR")
 

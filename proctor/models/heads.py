@@ -183,14 +183,14 @@ def read_head_file(source: str | os.PathLike | bytes) -> Head:
     try:
         header = json.loads(data[8:8 + header_len])
         tensors = load(data)
-    except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
+    except (SafetensorError, ValueError, RecursionError) as exc:
         raise HeadError(f"{where}: not a safetensors file ({exc})") from None
     raw = (header.get("__metadata__") or {}).get(_METADATA_KEY) if isinstance(header, dict) else None
     if raw is None:
         raise HeadError(f"{where}: safetensors file without proctor head metadata")
     try:
         meta = json.loads(raw)
-    except ValueError as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise HeadError(f"{where}: head metadata is not JSON ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != HEAD_FORMAT:
         raise HeadError(f"{where}: metadata is not a {HEAD_FORMAT} description")
@@ -209,6 +209,8 @@ def read_head_file(source: str | os.PathLike | bytes) -> Head:
                     metrics=meta.get("metrics") or {}, created=str(meta.get("created", "")))
     except (HeadError, BackboneError) as exc:
         raise HeadError(f"{where}: {exc}") from None
+    except (TypeError, ValueError, AttributeError) as exc:  # fields of the wrong type, e.g. "metrics": 5
+        raise HeadError(f"{where}: invalid head metadata ({exc})") from None
 
 
 def write_head_file(head: Head, path: str | os.PathLike) -> Path:
