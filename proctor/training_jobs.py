@@ -26,7 +26,7 @@ from aiohttp import web
 
 from proctor.appkeys import CLASSIFIER_KEY, CONFIG_KEY, STORE_KEY
 from proctor.storage import validate
-from proctor.storage.base import NotFound, Store
+from proctor.storage.base import NotFound, Store, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -249,10 +249,15 @@ class TrainingJobs:
                 record = await self.store.add_head(record)
             job.metrics, job.active = result.metrics, record.active
             job.state = job.stage = "done"
-            await self.store.audit(job.actor_id, "head.retrained" if job.replaced else "head.trained",
-                                   f"head:{job.label}", {"job": job.id, "program": job.program,
-                                                         "metrics": result.metrics})
             logger.info("training job %s: head %s registered", job.id, job.label)
+            try:
+                await self.store.audit(job.actor_id, "head.retrained" if job.replaced else "head.trained",
+                                       f"head:{job.label}", {"job": job.id, "program": job.program,
+                                                             "metrics": result.metrics})
+            except StoreError:
+                # The head is registered: the job succeeded, whatever became of its audit entry.
+                logger.exception("training job %s: head %s registered, but its audit entry was not written",
+                                 job.id, job.label)
         except asyncio.CancelledError:
             self._cancel.set()
             job.state, job.error = "failed", "the server shut down during training"

@@ -6,6 +6,8 @@ set_head_active), with the real store's errors.
 
 from __future__ import annotations
 
+import asyncio
+
 import dataclasses
 import json
 
@@ -192,7 +194,22 @@ def test_import_keras_errors_are_named(env, capsys):
 
 
 def test_heads_commands_against_the_real_sqlite_store(env, backbone, capsys, monkeypatch):
-    monkeypatch.setenv("PROCTOR_DATABASE_URL", f"sqlite:///{env}/proctor.db")
+    url = f"sqlite:///{env}/proctor.db"
+    monkeypatch.setenv("PROCTOR_DATABASE_URL", url)
+    # Before: heads add/list created and migrated any database named, so a mistyped --database-url
+    # reported success into a new empty file (and migrated a shared PostgreSQL database).
+    assert cli.main(["heads", "list"]) == 2
+    assert "run `proctor init` first" in capsys.readouterr().err
+    assert not (env / "proctor.db").exists()
+
+    async def init() -> None:  # what `proctor init` does, without its admin account
+        from proctor.storage import open_store
+
+        store = await open_store(url)
+        await store.migrate()
+        await store.close()
+
+    asyncio.run(init())
     word = _head_file(env, backbone.spec, "word", 2.0)
     assert cli.main(["heads", "add", str(word), "--inactive"]) == 0
     assert cli.main(["heads", "list", "--json"]) == 0

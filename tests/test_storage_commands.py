@@ -114,6 +114,31 @@ def test_roster_import(run, tmp_path):
     assert code == 0 and "'ann' exists already, skipped" in err
 
 
+def test_roster_import_that_fails_halfway_still_shows_the_passwords_of_the_users_it_made(run, tmp_path,
+                                                                                         monkeypatch):
+    from proctor.storage.base import StoreUnavailable
+    from proctor.storage.sqlite import SqliteStore
+
+    run("init")
+    roster = tmp_path / "roster.csv"
+    roster.write_text("username,full_name,role\nann,Ann,student\nbob,Bob,student\ncid,Cid,student\n")
+    real = SqliteStore.create_user
+
+    async def fail_on_cid(self, username, *args, **kwargs):
+        if username == "cid":
+            raise StoreUnavailable("disk I/O error")
+        return await real(self, username, *args, **kwargs)
+
+    monkeypatch.setattr(SqliteStore, "create_user", fail_on_cid)
+    code, out, err = run("users", "import", str(roster))
+    assert code == 2 and "disk I/O error" in err
+    # Before: nothing was printed, and a rerun would skip ann and bob as existing: their passwords lost.
+    rows = out.strip().splitlines()
+    assert [r.split(",")[0] for r in rows] == ["username", "ann", "bob"]
+    users, _ = users_in(f"sqlite:///{tmp_path}/var/proctor.db")
+    assert verify_password(users["bob"].password_hash, rows[2].rsplit(",", 1)[1])
+
+
 @pytest.mark.parametrize("content, message", [
     ("name,role\nann,student\n", "line 1: the header must be username,full_name,role"),
     ("", "line 1: the header must be"),

@@ -231,6 +231,22 @@ def test_not_an_image_names_the_file(tiny, tmp_path):
         train_head("x", folder, neg, tiny, options=TrainOptions(augment=False))
 
 
+def test_a_screenshot_past_pils_bomb_limit_is_a_clear_error():
+    import struct
+    import zlib
+
+    from proctor.models.training import decode, read_images
+
+    # A PNG header announcing 20000x20000 (400 million pixels): PIL refuses it at open with its own
+    # DecompressionBombError, which used to escape as a traceback.
+    png = bytearray(_png((1, 2, 3)))
+    ihdr = png.index(b"IHDR")
+    png[ihdr + 4:ihdr + 12] = struct.pack(">II", 20000, 20000)
+    png[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(png[ihdr:ihdr + 17])))
+    with pytest.raises(TrainingError, match="upload 1: larger than a screen"):
+        decode(read_images([bytes(png)], "positives")[0])
+
+
 def test_non_image_file_in_folder_is_named(tmp_path, tiny):
     (tmp_path / "a.png").write_bytes(_png((1, 2, 3)))
     (tmp_path / "notes.txt").write_text("hello")

@@ -101,12 +101,10 @@ def _config(args: argparse.Namespace) -> config_module.Config:
 
 
 async def _open_store(url: str) -> Any:
-    """The store a URL names, migrated; tests replace this with an in-memory fake."""
-    from proctor.storage import open_store
+    """The store a URL names, made by `proctor init`; tests replace this with an in-memory fake."""
+    from proctor.storage.commands import open_initialised
 
-    store = await open_store(url)
-    await store.migrate()
-    return store
+    return await open_initialised(url)
 
 
 @asynccontextmanager

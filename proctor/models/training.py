@@ -179,6 +179,8 @@ def decode(image: _Image) -> Image.Image:
                 raise TrainingError(f"{image.label}: {img.width}x{img.height} is larger than a screen "
                                     f"({MAX_DECODE_PIXELS} pixels at most)")
             return img.convert("RGB")
+    except Image.DecompressionBombError:  # PIL refuses over ~179 million pixels before our own check
+        raise TrainingError(f"{image.label}: larger than a screen ({MAX_DECODE_PIXELS} pixels at most)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         if isinstance(exc, TrainingError):
             raise

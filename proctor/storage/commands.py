@@ -88,24 +88,45 @@ def _database_url(args: argparse.Namespace) -> str:
         raise CommandError(str(exc)) from None
 
 
-@asynccontextmanager
-async def _store(args: argparse.Namespace, *, migrate: bool = False) -> AsyncIterator[Store]:
-    """Open the store; every StoreError inside becomes a CommandError with the store's message."""
-    url = _database_url(args)
-    if not migrate and url.startswith("sqlite:///") and not sqlite_path(url).exists():
+async def open_initialised(url: str) -> Store:
+    """The store at `url`, refused unless `proctor init` made it and its schema is current.
+
+    A command must never create or migrate a database by itself: a mistyped --database-url would
+    otherwise get an empty SQLite file (and report success into it), and a shared PostgreSQL
+    database would be migrated under servers of the older version.
+    """
+    if url.startswith("sqlite:///") and not sqlite_path(url).exists():
         raise CommandError(f"no database at {sqlite_path(url)}: run `proctor init` first")
     try:
         store = await open_store(url)
     except StoreError as exc:
         raise CommandError(str(exc)) from None
     try:
+        if await store.pending_migrations():
+            raise CommandError(f"the database at {_redacted(url)} is not initialised or is out of date: "
+                               "run `proctor init` first")
+    except BaseException:
+        await store.close()
+        raise
+    return store
+
+
+@asynccontextmanager
+async def _store(args: argparse.Namespace, *, migrate: bool = False) -> AsyncIterator[Store]:
+    """Open the store; every StoreError inside becomes a CommandError with the store's message."""
+    url = _database_url(args)
+    if migrate:
+        try:
+            store = await open_store(url)
+        except StoreError as exc:
+            raise CommandError(str(exc)) from None
+    else:
+        store = await open_initialised(url)
+    try:
         if migrate:
             applied = await store.migrate()
             print(f"schema: applied migration(s) {', '.join(map(str, applied))}" if applied
                   else "schema: up to date")
-        elif await store.pending_migrations():
-            raise CommandError(f"the database at {_redacted(url)} is not initialised or is out of date: "
-                               "run `proctor init` first")
         yield store
     except StoreError as exc:
         raise CommandError(str(exc)) from None
@@ -251,20 +272,23 @@ async def _users_import(args: argparse.Namespace) -> int:
     rows = _read_roster(args.roster)
     async with _store(args) as store:
         existing = {u.username for u in await store.list_users()}
-        created: list[tuple[str, str, str, str]] = []
+        # The passwords are shown this once, as CSV, so they can be printed or mailed to each user. Each row
+        # goes out as soon as its user exists: if the database fails halfway, the users made so far keep
+        # their passwords (a rerun skips them as existing and could never show them again).
+        out = csv.writer(sys.stdout, lineterminator="\n")
+        out.writerow(("username", "full_name", "role", "password"))
+        created = 0
         for line, username, full_name, role in rows:
             if username in existing:
                 print(f"{args.roster}: line {line}: {username!r} exists already, skipped", file=sys.stderr)
                 continue
             password = generate_password()
             await store.create_user(username, full_name, role, hash_password(password))
-            created.append((username, full_name, role, password))
-        await store.audit(None, "users_imported", str(args.roster), {"added": len(created)})
-    # The passwords are shown this once, as CSV, so they can be printed or mailed to each user.
-    out = csv.writer(sys.stdout, lineterminator="\n")
-    out.writerow(("username", "full_name", "role", "password"))
-    out.writerows(created)
-    print(f"imported {len(created)} user(s), skipped {len(rows) - len(created)}", file=sys.stderr)
+            out.writerow((username, full_name, role, password))
+            sys.stdout.flush()
+            created += 1
+        await store.audit(None, "users_imported", str(args.roster), {"added": created})
+    print(f"imported {created} user(s), skipped {len(rows) - created}", file=sys.stderr)
     return 0
 
 
