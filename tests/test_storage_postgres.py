@@ -116,3 +116,16 @@ async def test_purged_evidence_leaves_the_table_files(postgres_server):
         assert files_containing(tables, marker) == []
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("error", ["ReadOnlySQLTransactionError", "LockNotAvailableError", "DeadlockDetectedError"])
+def test_passing_postgres_states_are_unavailable_so_writes_wait_instead_of_being_dropped(error):
+    # Before: after a failover to a read-only standby (or a lock timeout, a deadlock) the write-behind
+    # queue saw an unexpected error and dropped the write; StoreUnavailable keeps it until the database is back.
+    import asyncpg
+
+    from proctor.storage.postgres import _mapped_errors
+
+    with pytest.raises(StoreUnavailable, match=error):
+        with _mapped_errors():
+            raise getattr(asyncpg, error)("cannot execute INSERT in a read-only transaction")

@@ -22,7 +22,11 @@ logger = logging.getLogger(__name__)
 _CHANNEL_PREFIX = "proctor_"
 # Any of these means the server is down, restarting or unreachable: the write may be retried later.
 _UNAVAILABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                asyncpg.OperatorInterventionError, asyncpg.InsufficientResourcesError)
+                asyncpg.OperatorInterventionError, asyncpg.InsufficientResourcesError,
+                # Passing states, worth retrying rather than dropping the write: a failover left this node on
+                # a read-only standby, a lock timeout, a deadlock or serialization conflict (rolled back).
+                asyncpg.ReadOnlySQLTransactionError, asyncpg.LockNotAvailableError,
+                asyncpg.TransactionRollbackError)
 _MIGRATION_LOCK = 0x70726F63  # "proc": one node migrates at a time
 
 
