@@ -335,8 +335,22 @@ async def test_false_positive_alert_becomes_a_sample(client, store, alert):
     assert body["label"] == "editor" and body["alert"]["review_state"] == "false_positive"
     (sample,) = await store.list_samples("editor")
     assert sample.jpeg == alert.evidence and sample.source == "false_positive"
+    assert sample.exam_id == alert.exam_id  # a student's screen: purged with the exam's alerts
     assert (await store.get_alert(alert.id)).review_state == "false_positive"
     assert any(e.action == "alert.sampled" for e in await store.list_audit())
+
+
+async def test_only_admins_delete_a_labels_samples(client, store, alert):
+    await store.add_sample("editor", tiny("green", 3), source="recorded")
+    await store.add_sample("other", tiny("red", 3), source="recorded")
+    csrf = await login(client, "teach-a")
+    resp = await client.delete("/api/samples/editor", headers={"X-CSRF-Token": csrf})
+    assert resp.status == 403
+    csrf = await login(client, "admin")
+    resp = await client.delete("/api/samples/editor", headers={"X-CSRF-Token": csrf})
+    assert resp.status == 200 and (await resp.json()) == {"label": "editor", "deleted": 1}
+    assert await store.count_samples() == {"other": 1}
+    assert any(e.action == "samples.deleted" and e.detail == {"deleted": 1} for e in await store.list_audit())
 
 
 async def test_review_page_form_sends_a_sample_and_admin_may_too(client, store, alert):

@@ -359,12 +359,18 @@ async def test_purge_deletes_old_ended_exams_data_only(store):
         await store.set_exam_state(e.id, "running")
         await store.add_alert(alert(e.id, student.id))
         await store.add_event(SessionEvent(e.id, student.id, "connect", utcnow()))
+        await store.add_sample("word", alert(e.id, student.id).evidence, "false_positive", exam_id=e.id)
+    await store.add_sample("word", alert(exam.id, student.id).evidence, "recorded")  # a teacher's own screen
     await store.set_exam_state(exam.id, "ended")
     # Ended just now: not older than a day, nothing goes.
-    assert (await store.purge(dt.timedelta(days=1))) == PurgeReport(alerts=0, events=0, exams=0)
+    assert (await store.purge(dt.timedelta(days=1))) == PurgeReport(alerts=0, events=0, exams=0, samples=0)
     await asyncio.sleep(0.01)
     report = await store.purge(dt.timedelta(milliseconds=1))
-    assert (report.alerts, report.events, report.exams) == (1, 1, 1)
+    assert (report.alerts, report.events, report.exams, report.samples) == (1, 1, 1, 1)
+    # The alert-made copy of the purged exam's evidence went with it; the other exam's and the recorded stay.
+    assert [(s.exam_id, s.source) for s in await store.list_samples()] == [
+        (other.id, "false_positive"), (None, "recorded")]
+    assert await store.delete_samples("word") == 2 and await store.count_samples() == {}
     assert await store.list_alerts(exam.id) == [] and await store.list_events(exam.id) == []
     assert len(await store.list_alerts(other.id)) == 1 and len(await store.list_events(other.id)) == 1
     assert (await store.get_exam(exam.id)).state == "ended"  # the exam record itself stays

@@ -133,6 +133,7 @@ class Sample:
     jpeg: bytes
     source: str  # "recorded", "false_positive", ...
     created_at: dt.datetime
+    exam_id: int | None = None  # the exam whose alert evidence it is (purged with it); None: recorded
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,7 @@ class PurgeReport:
     alerts: int
     events: int
     exams: int
+    samples: int = 0  # training samples made from those exams' alert evidence
 
 
 # Cross-node notifications: small payloads (ids), the data is read from the tables.
@@ -214,14 +216,16 @@ class Store(Protocol):
     async def list_audit(self, limit: int = 200) -> list[AuditEntry]: ...
 
     # training samples
-    async def add_sample(self, label: str, jpeg: bytes, source: str) -> int: ...
+    async def add_sample(self, label: str, jpeg: bytes, source: str, exam_id: int | None = None) -> int: ...
     async def list_samples(self, label: str | None = None) -> list[Sample]: ...
     async def count_samples(self) -> dict[str, int]:
         """Samples per label, without reading their JPEGs."""
+    async def delete_samples(self, label: str) -> int:
+        """Delete every sample of a label; how many there were."""
 
     # retention
     async def purge(self, older_than: dt.timedelta) -> PurgeReport:
-        """Delete evidence, alerts and events of exams ended more than `older_than` ago."""
+        """Delete evidence, alerts, events and alert-made samples of exams ended more than `older_than` ago."""
 
     # cross-node notifications
     async def publish(self, channel: str, payload: dict[str, Any]) -> None: ...

@@ -308,5 +308,6 @@ async def _purge(args: argparse.Namespace) -> int:
     async with _store(args) as store:
         report = await store.purge(age)
     print(f"purged exams ended more than {args.older_than} ago: {report.exams} exam(s), "
-          f"{report.alerts} alert(s) with evidence, {report.events} session event(s)")
+          f"{report.alerts} alert(s) with evidence, {report.events} session event(s), "
+          f"{report.samples} training sample(s) made from their alerts")
     return 0

@@ -9,7 +9,7 @@ import logging
 import re
 from contextlib import asynccontextmanager
 from functools import lru_cache
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 
 import asyncpg
 
@@ -148,12 +148,12 @@ class PostgresStore(SqlStore):
                 return set()
             return {r["version"] for r in await c.fetch("SELECT version FROM schema_migrations")}
 
-    async def _reclaim(self) -> None:
+    async def _reclaim(self, tables: Sequence[str]) -> None:
         # DELETE only marks rows dead; VACUUM FULL rewrites the tables so purged evidence leaves the disk.
         # It locks each table briefly: the write-behind queue holds alerts and events meanwhile.
         with _mapped_errors():
             async with self._pool.acquire() as conn:
-                for table in ("alerts", "session_events"):
+                for table in tables:
                     # Far longer than command_timeout: a big table takes a while to rewrite.
                     await conn.execute(f"VACUUM FULL {table}", timeout=3600)
 

@@ -484,14 +484,23 @@ class SqlStore:
 
     # training samples ----------------------------------------------------------------------------
 
-    async def add_sample(self, label: str, jpeg: bytes, source: str) -> int:
+    async def add_sample(self, label: str, jpeg: bytes, source: str, exam_id: int | None = None) -> int:
         v.head_name(label)
         data = v.jpeg(f"sample for {label!r}", jpeg)
         v.text("sample source", source, max_length=64)
+        exam = None if exam_id is None else _int("exam id", exam_id)
         async with self._connection() as c:
-            row = await c.fetchrow("INSERT INTO samples (label, jpeg, source, created_at) VALUES (?, ?, ?, ?) "
-                                   "RETURNING id", label, data, source, self._ts(utcnow()))
+            row = await c.fetchrow("INSERT INTO samples (label, jpeg, source, created_at, exam_id) "
+                                   "VALUES (?, ?, ?, ?, ?) RETURNING id", label, data, source, self._ts(utcnow()), exam)
         return int(row["id"])
+
+    async def delete_samples(self, label: str) -> int:
+        v.head_name(label)
+        async with self._connection() as c:
+            deleted = await c.execute("DELETE FROM samples WHERE label = ?", label)
+        if deleted:
+            await self._reclaim(("samples",))
+        return deleted
 
     async def count_samples(self) -> dict[str, int]:
         async with self._connection() as c:
@@ -505,7 +514,7 @@ class SqlStore:
             else:
                 rows = await c.fetch("SELECT * FROM samples WHERE label = ? ORDER BY id", str(label))
         return [Sample(id=r["id"], label=r["label"], jpeg=bytes(r["jpeg"]), source=r["source"],
-                       created_at=self._dt(r["created_at"])) for r in rows]
+                       created_at=self._dt(r["created_at"]), exam_id=r["exam_id"]) for r in rows]
 
     # retention -----------------------------------------------------------------------------------
 
@@ -520,18 +529,20 @@ class SqlStore:
         async with self._transaction() as c:
             alerts = await c.execute(f"DELETE FROM alerts WHERE exam_id IN ({ended})", cutoff)
             events = await c.execute(f"DELETE FROM session_events WHERE exam_id IN ({ended})", cutoff)
+            # Samples a teacher made from those exams' alerts are copies of the same students' screens.
+            samples = await c.execute(f"DELETE FROM samples WHERE exam_id IN ({ended})", cutoff)
             exams = await c.execute("UPDATE exams SET purged_at = ? WHERE state = 'ended' AND ended_at < ? "
                                     "AND purged_at IS NULL", self._ts(now), cutoff)
-            report = PurgeReport(alerts=alerts, events=events, exams=exams)
+            report = PurgeReport(alerts=alerts, events=events, exams=exams, samples=samples)
             await _audit(self, c, None, "data_deleted", "purge",
                          {"older_than_seconds": older_than.total_seconds(), "alerts": alerts,
-                          "events": events, "exams": exams})
-        if alerts or events:
-            await self._reclaim()
+                          "events": events, "exams": exams, "samples": samples})
+        if alerts or events or samples:
+            await self._reclaim(("alerts", "session_events", "samples"))
         return report
 
-    async def _reclaim(self) -> None:
-        """Make deleted rows unreadable on disk too (driver-specific)."""
+    async def _reclaim(self, tables: Sequence[str]) -> None:
+        """Make rows deleted from `tables` unreadable on disk too (driver-specific)."""
 
     # cross-node notifications --------------------------------------------------------------------
 

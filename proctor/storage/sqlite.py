@@ -15,7 +15,7 @@ import logging
 import sqlite3
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 
 import aiosqlite
 
@@ -198,7 +198,7 @@ class SqliteStore(SqlStore):
                 last = int(row["id"])
                 self._dispatch(row["channel"], row["payload"])
 
-    async def _reclaim(self) -> None:
+    async def _reclaim(self, tables: Sequence[str]) -> None:
         # secure_delete zeroed the pages; the checkpoint moves them from the WAL into the file and
         # truncates the WAL, so no copy of the deleted rows is left behind.
         async with self._connection() as c:

@@ -228,6 +228,18 @@ async def api_samples(request: web.Request) -> web.Response:
     return json_response({"labels": await _store(request).count_samples(), "limit": MAX_SAMPLES_PER_LABEL})
 
 
+@routes.delete("/api/samples/{label}")
+async def api_delete_samples(request: web.Request) -> web.Response:
+    """Forget every sample of a label (a recording of the wrong screen, or a label's samples no longer
+    wanted); heads trained from them keep what they learnt."""
+    actor = await require_user(request, "admin")
+    label = check_label(request.match_info["label"])
+    store = _store(request)
+    deleted = await store.delete_samples(label)
+    await store.audit(actor.id, "samples.deleted", f"head:{label}", {"deleted": deleted})
+    return json_response({"label": label, "deleted": deleted})
+
+
 @routes.post("/api/samples/{label}/train")
 async def api_train(request: web.Request) -> web.Response:
     actor = await require_user(request, *_STAFF)
@@ -262,7 +274,7 @@ async def alert_to_sample(store: Store, actor: User, alert_id: str, label: str) 
         raise sv.bad(f"no active head named {label!r}: pick one of {', '.join(sorted(heads)) or 'none'}")
     if (await store.count_samples()).get(label, 0) >= MAX_SAMPLES_PER_LABEL:
         raise sv.WebError(409, f"head {label!r} has {MAX_SAMPLES_PER_LABEL} samples already, the most kept per head")
-    sample_id = await store.add_sample(label, alert.evidence, source="false_positive")
+    sample_id = await store.add_sample(label, alert.evidence, source="false_positive", exam_id=alert.exam_id)
     if alert.review_state == "new":
         alert = await store.review_alert(alert.id, "false_positive", alert.review_note or f"it showed {label}",
                                          actor.id)
