@@ -292,6 +292,8 @@ async def _notifications_ctx(app: web.Application) -> AsyncIterator[None]:
         try:
             if channel == "heads":
                 await reload_heads(app)
+            elif channel in ("exam", "user") and payload.get("resync"):
+                await _resync(app, channel)
             elif channel == "exam" and payload.get("state") == "ended":
                 await hub.end_exam(int(payload["id"]), protocol.CLOSE_EXAM_ENDED, "the exam has ended")
             elif channel == "user" and payload.get("active") is False:
@@ -321,6 +323,20 @@ async def _notifications_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await store.unsubscribe(on_notification)
+
+
+async def _resync(app: web.Application, channel: str) -> None:
+    """After notifications may have been lost: act on what the database says now about the exams
+    ("exam") or accounts ("user") this node holds sockets for."""
+    store, hub = app[STORE_KEY], app[HUB_KEY]
+    if channel == "exam":
+        for exam_id in hub.exams_with_sockets():
+            if (await store.get_exam(exam_id)).state == "ended":
+                await hub.end_exam(exam_id, protocol.CLOSE_EXAM_ENDED, "the exam has ended")
+    else:
+        for user_id in hub.users_with_sockets():
+            if not (await store.get_user(user_id)).active:
+                await hub.close_user(user_id, protocol.CLOSE_ACCOUNT_DEACTIVATED, "your account was deactivated")
 
 
 async def _relay_alert(app: web.Application, payload: dict[str, Any]) -> None:

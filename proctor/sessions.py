@@ -279,6 +279,14 @@ class Hub:
                 if not sockets:
                     del self._user_sockets[user_id]
 
+    def users_with_sockets(self) -> list[int]:
+        return list(self._user_sockets)
+
+    def exams_with_sockets(self) -> list[int]:
+        """Exams with a student stream or a teacher's live view on this node, not known to have ended."""
+        return [exam_id for exam_id, room in self._rooms.items()
+                if not room.ended and (room.streams or room.teachers)]
+
     async def close_user(self, user_id: int, code: int, reason: str) -> None:
         """Close every open socket of one user on this node: streams in every exam, live views, recordings."""
         sockets = list(self._user_sockets.get(user_id, ()))

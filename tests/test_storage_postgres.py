@@ -71,6 +71,9 @@ async def test_listener_reconnects_after_restart_and_asks_for_a_reload(postgres_
         await asyncio.to_thread(postgres_server.start)
         # Notifications sent while B was cut off are lost, so B is told to reload its heads.
         assert (await received(heard_by_b, "heads", timeout=30)) == {"reload": True, "node": None}
+        # ...and to check the exams and accounts it holds sockets for (ended or deactivated meanwhile).
+        assert (await received(heard_by_b, "exam")) == {"resync": True, "node": None}
+        assert (await received(heard_by_b, "user")) == {"resync": True, "node": None}
         await node_a.add_head(head("after-restart"))
         assert (await received(heard_by_b, "heads"))["name"] == "after-restart"
     finally:

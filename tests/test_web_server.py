@@ -167,6 +167,32 @@ async def test_deactivation_or_password_reset_closes_the_accounts_open_sockets(c
     assert await ws_status(client, path, {"Origin": origin(client)}) in reconnect
 
 
+@pytest.mark.parametrize("lost", ["exam ended", "account deactivated"])
+async def test_after_lost_notifications_a_resync_closes_what_the_database_says_is_over(client, hall, store,
+                                                                                       monkeypatch, lost):
+    # PostgreSQL's LISTEN connection was down while another node ended the exam or deactivated the
+    # account: the notification never came. On reconnecting, the store asks for a resync.
+    await login(client, "stud-in")
+    ws = await client.ws_connect(f"/ws/exams/{hall.id}/stream", headers={"Origin": origin(client)})
+    assert (await ws.receive_json(timeout=5))["type"] == "config"
+    publish = store.publish
+
+    async def lost_publish(channel, payload):
+        return None
+
+    monkeypatch.setattr(store, "publish", lost_publish)
+    if lost == "exam ended":
+        await store.set_exam_state(hall.id, "ended")
+        channel, code = "exam", 4000
+    else:
+        await store.set_user_active((await store.get_user_by_name("stud-in")).id, False)
+        channel, code = "user", 4003
+    monkeypatch.setattr(store, "publish", publish)
+    await store.publish(channel, {"resync": True, "node": None})
+    assert await close_code(ws) == code
+    await ws.close()
+
+
 async def test_deactivating_a_student_from_the_command_line_closes_their_stream(client, hall, sqlite_url,
                                                                                  monkeypatch, capsys):
     # With SQLite the command runs in a process of its own: its notification crosses through the database.

@@ -197,8 +197,11 @@ class PostgresStore(SqlStore):
                 delay = 0.2
                 if not first:
                     logger.warning("LISTEN connection to PostgreSQL restored")
-                    # Notifications sent while it was down are lost: tell subscribers to reload heads.
+                    # Notifications sent while it was down are lost: subscribers reload their heads and check
+                    # the exams and accounts they hold sockets for (ended, deactivated meanwhile).
                     self._dispatch("heads", '{"reload": true, "node": null}')
+                    self._dispatch("exam", '{"resync": true, "node": null}')
+                    self._dispatch("user", '{"resync": true, "node": null}')
                 first = False
                 while not lost.is_set():
                     # The termination listener is not called when the socket just dies: probe it.
