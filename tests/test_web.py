@@ -214,7 +214,7 @@ async def test_failed_logins_are_rate_limited_per_account(client):
         assert resp.status == 401
     resp = await client.post("/api/login", json={"username": "stud-a", "password": PASSWORD})
     assert resp.status == 429
-    assert "too many login attempts" in (await resp.json())["error"]
+    assert "too many failed logins" in (await resp.json())["error"]
     # Other accounts from the same address are not locked out by one account's failures.
     assert (await client.post("/api/login", json={"username": "stud-b", "password": PASSWORD})).status == 200
 
@@ -223,12 +223,12 @@ def test_limiter_per_address_and_window():
     now = [0.0]
     limiter = auth.LoginLimiter(per_account=3, per_address=4, window_s=60, clock=lambda: now[0])
     for i in range(4):
-        assert limiter.begin(f"user{i}", "10.0.0.1") == 0
+        assert limiter.begin(f"user{i}", "10.0.0.1") == (0, "")
         limiter.end(f"user{i}", "10.0.0.1", False)
-    assert limiter.retry_after("someone-else", "10.0.0.1") == pytest.approx(60)
-    assert limiter.retry_after("someone-else", "10.0.0.2") == 0
+    assert limiter.wait("someone-else", "10.0.0.1")[0] == pytest.approx(60)
+    assert limiter.wait("someone-else", "10.0.0.2")[0] == 0
     now[0] = 61
-    assert limiter.retry_after("someone-else", "10.0.0.1") == 0
+    assert limiter.wait("someone-else", "10.0.0.1")[0] == 0
 
 
 async def test_simultaneous_logins_cannot_slip_past_the_account_limit(client):
@@ -244,19 +244,20 @@ def test_limiter_counts_logins_in_progress_and_caps_them_per_address():
     now = [0.0]
     limiter = auth.LoginLimiter(per_account=2, per_address=10, pending_per_address=3, window_s=60,
                                 clock=lambda: now[0])
-    assert limiter.begin("a", "10.0.0.1") == 0 and limiter.begin("a", "10.0.0.1") == 0
-    assert limiter.begin("a", "10.0.0.1") > 0  # two in progress fill the account's budget
+    assert limiter.begin("a", "10.0.0.1") == limiter.begin("a", "10.0.0.1") == (0, "")
+    assert limiter.begin("a", "10.0.0.1") == (5.0, "busy")  # two in progress fill the account's budget
     limiter.end("a", "10.0.0.1", None)  # the database failed: neither a failure nor a success
-    assert limiter.begin("a", "10.0.0.1") == 0
-    assert limiter.begin("b", "10.0.0.1") == 0  # three in progress from this address now
-    assert limiter.begin("c", "10.0.0.1") > 0
-    assert limiter.begin("c", "10.0.0.2") == 0
+    assert limiter.begin("a", "10.0.0.1") == (0, "")
+    assert limiter.begin("b", "10.0.0.1") == (0, "")  # three in progress from this address now
+    assert limiter.begin("c", "10.0.0.1") == (5.0, "busy")
+    assert limiter.begin("c", "10.0.0.2") == (0, "")
     for name, address in (("a", "10.0.0.1"), ("a", "10.0.0.1"), ("b", "10.0.0.1"), ("c", "10.0.0.2")):
         limiter.end(name, address, False)
-    assert limiter.retry_after("a", "10.0.0.3") == pytest.approx(60)  # two failures lock "a"
-    assert limiter.retry_after("b", "10.0.0.1") == 0
+    assert limiter.wait("a", "10.0.0.3")[0] == pytest.approx(60)  # two failures lock "a"
+    assert limiter.wait("a", "10.0.0.3")[1] == "failures"
+    assert limiter.wait("b", "10.0.0.1")[0] == 0
     limiter.clear("A")  # usernames are case-insensitive here, as at login
-    assert limiter.retry_after("a", "10.0.0.3") == 0
+    assert limiter.wait("a", "10.0.0.3")[0] == 0
 
 
 async def test_password_reset_lifts_a_lock_out_and_the_new_password_works(client, world):

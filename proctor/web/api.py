@@ -134,9 +134,11 @@ async def check_login(request: web.Request, username: str, password: str) -> Use
     """The user these credentials belong to; WebError 429 when rate-limited, 401 when wrong."""
     limiter = request.app[WEB_STATE_KEY].limiter
     address = client_address(request)
-    wait = limiter.begin(username, address)
+    wait, why = limiter.begin(username, address)
     if wait > 0:
-        raise sv.WebError(429, f"too many login attempts; try again in {int(wait) + 1} seconds")
+        if why == "busy":  # a hall logging in at once through one address: nobody did anything wrong
+            raise sv.WebError(429, f"many logins are in progress; try again in {int(wait) + 1} seconds")
+        raise sv.WebError(429, f"too many failed logins; try again in {int(wait) + 1} seconds")
     outcome: bool | None = None  # neither right nor wrong when the database failed or the client went away
     try:
         user, ok = await _verify_login(request, username, password)

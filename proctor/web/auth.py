@@ -188,31 +188,31 @@ class LoginLimiter:
             del self._failures[key]
         return times
 
-    def retry_after(self, username: str, address: str) -> float:
-        """Seconds until a login may be tried for this account and address (0 when allowed now)."""
-        wait = 0.0
+    def wait(self, username: str, address: str) -> tuple[float, str]:
+        """(seconds until a login may be tried, why: "failures" or "busy" with logins in progress)."""
         now = self._clock()
+        waits = [(0.0, "")]
         account = _account_key(username)
         failures = self._recent(account)
         if len(failures) >= self.per_account:
-            wait = self.window_s - (now - failures[0])
+            waits.append((self.window_s - (now - failures[0]), "failures"))
         elif len(failures) + self._pending[account] >= self.per_account:
-            wait = _PENDING_WAIT_S  # attempts still in progress may fail yet
+            waits.append((_PENDING_WAIT_S, "busy"))  # attempts still in progress may fail yet
         by_address = self._recent(_address_key(address))
         if len(by_address) >= self.per_address:
-            wait = max(wait, self.window_s - (now - by_address[0]))
+            waits.append((self.window_s - (now - by_address[0]), "failures"))
         if self._pending[_address_key(address)] >= self.pending_per_address:
-            wait = max(wait, _PENDING_WAIT_S)
-        return max(wait, 0.0)
+            waits.append((_PENDING_WAIT_S, "busy"))
+        return max(waits)
 
-    def begin(self, username: str, address: str) -> float:
-        """Reserve a login attempt: 0 when it may go on (end it with `end`), else the seconds to wait."""
-        wait = self.retry_after(username, address)
-        if wait > 0:
-            return wait
+    def begin(self, username: str, address: str) -> tuple[float, str]:
+        """Reserve a login attempt: (0, "") when it may go on (end it with `end`), else `wait`'s answer."""
+        refused = self.wait(username, address)
+        if refused[0] > 0:
+            return refused
         self._pending[_account_key(username)] += 1
         self._pending[_address_key(address)] += 1
-        return 0.0
+        return 0.0, ""
 
     def end(self, username: str, address: str, ok: bool | None) -> None:
         """The attempt reserved by `begin` is over: a failure counts, a success clears the account, None neither."""
