@@ -259,8 +259,9 @@ def test_foreign_backbone_head_is_refused(torch_engine, backbone):
     assert "which this server does not have" in torch_engine.check_head(foreign[0])
 
 
-def test_groups_of_other_backbones_and_sizes(backbone, tmp_path):
-    """A head imported from Keras keeps its backbone and input size: two groups, two backbone passes."""
+def _keras_head_72x40(backbone, tmp_path):
+    """(a head imported from a Keras model at 72x40 input, its backbone installed under tmp_path; the
+    model's weights; its Dense layer)."""
     weights = keras_weights(seed=4)
     rng = np.random.default_rng(0)
     dense = {"kernel": (rng.standard_normal((2 * 3 * 1280, 2)) * 0.01).astype(np.float32),
@@ -268,11 +269,16 @@ def test_groups_of_other_backbones_and_sizes(backbone, tmp_path):
     path = write_h5(tmp_path / "old.h5", weights, version=2, height=40, width=72,
                     top=flatten_dense_top(2, "softmax"), top_weights={"dense": dense})
     imported = read_keras_model(path, name="old")
-    library = bb.BackboneLibrary([backbone], tmp_path / "backbones")
-    library.install(imported.backbone)
+    bb.BackboneLibrary([backbone], tmp_path / "backbones").install(imported.backbone)
+    return imported.head, weights, dense
+
+
+def test_groups_of_other_backbones_and_sizes(backbone, tmp_path):
+    """A head imported from Keras keeps its backbone and input size: two groups, two backbone passes."""
+    head, weights, dense = _keras_head_72x40(backbone, tmp_path)
     engine = Engine(bb.BackboneLibrary([backbone], tmp_path / "backbones"), device="cpu", runtime="onnx",
                     cache_dir=tmp_path / "cache")
-    engine.set_heads([imported.head] + _heads(backbone.spec, 3))
+    engine.set_heads([head] + _heads(backbone.spec, 3))
     assert engine.frame_size == (72, 40)  # the largest input among the groups
     frames = _frames(2, size=(72, 40))
     before = engine.backbone_calls
@@ -282,6 +288,27 @@ def test_groups_of_other_backbones_and_sizes(backbone, tmp_path):
     logits = reference @ dense["kernel"] + dense["bias"]
     np.testing.assert_allclose(scores.values[:, 0], 1 / (1 + np.exp(logits[:, 1] - logits[:, 0])), atol=1e-3)
     assert engine.describe()["groups"][0]["input"] == "72x40"
+
+
+def test_a_frame_given_at_each_groups_size_gives_each_group_its_own_pixels(backbone, tmp_path):
+    """With heads of two input sizes, a frame decoded at each size scores as each group alone would on it."""
+    keras_head, _, _ = _keras_head_72x40(backbone, tmp_path)
+
+    def engine(heads):
+        e = Engine(bb.BackboneLibrary([backbone], tmp_path / "backbones"), device="cpu", runtime="torch")
+        e.set_heads(heads)
+        return e
+
+    mine = _heads(backbone.spec, 2)
+    both = engine([keras_head] + mine)
+    assert both.frame_sizes == ((72, 40), (64, 36))
+    large, small = _frames(3, seed=1, size=(72, 40)), _frames(3, seed=2, size=(64, 36))
+    scores = both.classify([(a, b) for a, b in zip(large, small)])
+    np.testing.assert_allclose(scores.values[:, :1], engine([keras_head]).classify(large).values, atol=1e-5)
+    np.testing.assert_allclose(scores.values[:, 1:], engine(mine).classify(small).values, atol=1e-5)
+    # A tuple without a picture at some group's size (the heads changed meanwhile): its first is resized.
+    alone = engine(mine).classify([(f,) for f in large])
+    np.testing.assert_allclose(alone.values, engine(mine).classify(large).values, atol=1e-5)
 
 
 def test_frames_of_other_sizes_are_resized(torch_engine, backbone):

@@ -362,6 +362,29 @@ async def test_a_changed_frame_is_decoded_once(server, hall, classifier, monkeyp
     await alice.close()
 
 
+async def test_with_heads_of_two_input_sizes_a_frame_is_decoded_at_each(server, hall, classifier, monkeypatch):
+    decodes, given = [], []
+    real_decode, real_classify = decode.decode_rgb, classifier.classify
+    monkeypatch.setattr(decode, "decode_rgb", lambda jpeg, size: decodes.append(size) or real_decode(jpeg, size))
+    # As an engine with an imported 400x225 head next to 320x180 ones (Engine.frame_sizes: frame_size first).
+    monkeypatch.setattr(type(classifier), "frame_sizes", property(lambda self: (self.frame_size, (400, 225))),
+                        raising=False)
+
+    def classify(frames):
+        given.extend(frames)
+        return real_classify([frame[0] for frame in frames])
+
+    monkeypatch.setattr(classifier, "classify", classify)
+    client = await server()
+    alice = await connect_student(client, hall["a"], hall["exam"])
+    await send_frame(alice, 0, screen("green"))
+    assert (await answer_for(alice, 0))["type"] == "verdict"
+    # Each size decoded from the JPEG, as each head was trained, not a resize of the other.
+    assert decodes == [classifier.frame_size, (400, 225)]
+    assert [f.shape for f in given[0]] == [(180, 320, 3), (225, 400, 3)]
+    await alice.close()
+
+
 async def test_unchanged_screen_reuses_the_verdict_without_the_model(server, hall, classifier):
     client = await server()
     alice = await connect_student(client, hall["a"], hall["exam"])

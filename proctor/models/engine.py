@@ -130,6 +130,16 @@ class _State:
     frame_size: tuple[int, int]
 
 
+def _at_size(frame: np.ndarray | tuple[np.ndarray, ...], size: tuple[int, int]) -> np.ndarray:
+    """The picture at `size` (width, height) from a frame given at one or several sizes; else its first."""
+    if not isinstance(frame, tuple):
+        return frame
+    if not frame:
+        raise EngineError("a frame given as a tuple of sizes holds no picture")
+    width, height = size
+    return next((f for f in frame if getattr(f, "shape", ())[:2] == (height, width)), frame[0])
+
+
 def pick_device(device: str) -> torch.device:
     """Config.device -> torch device: "auto" is CUDA when torch sees a GPU, else the CPU."""
     if device == "auto":
@@ -210,6 +220,14 @@ class Engine:
         return self._state.frame_size
 
     @property
+    def frame_sizes(self) -> tuple[tuple[int, int], ...]:
+        """Every group's input size (width, height), frame_size first: a caller that decodes a frame at each
+        (a tuple of arrays, in this order, given to classify) gives every head the pixels it was trained on,
+        instead of a resize of the largest."""
+        sizes = [(g.preprocessing.width, g.preprocessing.height) for g in self._state.groups]
+        return tuple(dict.fromkeys([self._state.frame_size] + sizes))
+
+    @property
     def heads(self) -> tuple[HeadInfo, ...]:
         return self._state.infos
 
@@ -227,15 +245,25 @@ class Engine:
         """Backbone passes so far: one per group per batch, whatever the number of heads."""
         return self._backbone_calls
 
-    def classify(self, frames: Sequence[np.ndarray]) -> Scores:
-        """Score every frame with every head; frames are HxWx3 uint8 RGB, resized when not frame_size."""
+    def classify(self, frames: Sequence[np.ndarray | tuple[np.ndarray, ...]]) -> Scores:
+        """Score every frame with every head; frames are HxWx3 uint8 RGB, resized when not frame_size.
+
+        A frame may also be a tuple of the same picture at several sizes (see frame_sizes): each group
+        then takes the one of its input size, or resizes the first when none fits (the heads changed
+        since the frame was decoded).
+        """
         state = self._state  # read once: the whole batch uses this head set
         if len(frames) == 0:
             return Scores(state.infos, np.zeros((0, len(state.infos)), np.float32))
+        if any(isinstance(frame, tuple) for frame in frames):
+            sized = {size: self._to_device(frames_to_batch([_at_size(f, size) for f in frames], size))
+                     for size in {(g.preprocessing.width, g.preprocessing.height) for g in state.groups}}
+            return self._score(lambda width, height: sized[(width, height)], len(frames), state)
         if not state.groups:
             check_frames(frames)  # bad input is refused the same way with or without heads
             return Scores(state.infos, np.zeros((len(frames), 0), np.float32))
-        return self._score(self._to_device(frames_to_batch(frames, state.frame_size)), state)
+        batch = self._to_device(frames_to_batch(frames, state.frame_size))
+        return self._score(lambda width, height: resize_frames(batch, width, height), len(frames), state)
 
     def classify_jpegs(self, jpegs: Sequence[bytes]) -> Scores:
         """Decode a batch of JPEGs on this engine's device (nvJPEG on CUDA), then score them like classify().
@@ -254,15 +282,15 @@ class Engine:
             images = torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=self.device)
         width, height = state.frame_size
         batch = torch.cat([resize_frames(image.permute(1, 2, 0).unsqueeze(0), width, height) for image in images])
-        return self._score(batch, state)
+        return self._score(lambda w, h: resize_frames(batch, w, h), len(jpegs), state)
 
-    def _score(self, batch: torch.Tensor, state: "_State") -> Scores:
-        count = batch.shape[0]
+    def _score(self, input_for: Callable[[int, int], torch.Tensor], count: int, state: "_State") -> Scores:
+        """Every group's heads on `input_for(width, height)`: the batch at that group's input size."""
         if not state.groups:
             return Scores(state.infos, np.zeros((count, 0), np.float32))
         values = torch.empty((count, len(state.infos)), dtype=torch.float32, device=self.device)
         for group in state.groups:
-            features = group.runner(resize_frames(batch, group.preprocessing.width, group.preprocessing.height))
+            features = group.runner(input_for(group.preprocessing.width, group.preprocessing.height))
             with self._calls_lock:  # workers may score batches at the same time
                 self._backbone_calls += 1
             values[:, group.columns] = group.stack.apply(features.to(self.device))

@@ -63,4 +63,8 @@ class Classifier(Protocol):
         """How many classify() calls may run at once (from as many threads)."""
 
     def classify(self, frames: Sequence[np.ndarray]) -> Scores:
-        """Blocking: one backbone pass per backbone group for the whole batch, then every head at once."""
+        """Blocking: one backbone pass per backbone group for the whole batch, then every head at once.
+
+        A classifier whose heads take several input sizes may also have `frame_sizes` (frame_size first)
+        and accept each frame as a tuple of the picture at those sizes (models.engine.Engine does).
+        """
