@@ -6,13 +6,17 @@ import dataclasses
 import os
 import threading
 import time
+import warnings
 
 import numpy as np
 import pytest
+import simplejpeg
 import torch
+import torchvision
 
 from proctor.config import Config
 from proctor.models import backbone as bb
+from proctor.models.backbone import resize_frames
 from proctor.models.engine import Engine, EngineError
 from proctor.models.heads import make_head
 from proctor.models.interface import Preprocessing
@@ -306,6 +310,14 @@ def test_a_frame_given_at_each_groups_size_gives_each_group_its_own_pixels(backb
     scores = both.classify([(a, b) for a, b in zip(large, small)])
     np.testing.assert_allclose(scores.values[:, :1], engine([keras_head]).classify(large).values, atol=1e-5)
     np.testing.assert_allclose(scores.values[:, 1:], engine(mine).classify(small).values, atol=1e-5)
+    # Decoding JPEGs on the engine's device resizes the picture once for each group, as above.
+    jpegs = [simplejpeg.encode_jpeg(np.ascontiguousarray(f), quality=95, colorspace="RGB") for f in large]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pictures = [torchvision.io.decode_jpeg(torch.frombuffer(bytearray(j), dtype=torch.uint8)).permute(1, 2, 0)
+                    for j in jpegs]
+    per_size = [tuple(resize_frames(p.unsqueeze(0), w, h)[0].numpy() for w, h in both.frame_sizes) for p in pictures]
+    np.testing.assert_allclose(both.classify_jpegs(jpegs).values, both.classify(per_size).values, atol=1e-5)
     # A tuple without a picture at some group's size (the heads changed meanwhile): its first is resized.
     alone = engine(mine).classify([(f,) for f in large])
     np.testing.assert_allclose(alone.values, engine(mine).classify(large).values, atol=1e-5)
@@ -388,11 +400,6 @@ def test_cuda_runtime_matches_the_cpu(onnx_engine, backbone, precision):
 
 
 def test_classify_jpegs_decodes_on_the_engines_device_and_agrees_with_classify(torch_engine, backbone):
-    import warnings
-
-    import simplejpeg
-    import torchvision
-
     from proctor.batching import decode
 
     torch_engine.set_heads(_heads(backbone.spec, 3))

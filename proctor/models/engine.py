@@ -280,9 +280,11 @@ class Engine:
             # FFmpeg to the install; decode_jpeg is still the batched nvJPEG path of the pinned version.
             warnings.simplefilter("ignore", DeprecationWarning)
             images = torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=self.device)
-        width, height = state.frame_size
-        batch = torch.cat([resize_frames(image.permute(1, 2, 0).unsqueeze(0), width, height) for image in images])
-        return self._score(lambda w, h: resize_frames(batch, w, h), len(jpegs), state)
+        # Each group's input resized once from the decoded picture, not twice through the largest size.
+        sizes = {(g.preprocessing.width, g.preprocessing.height) for g in state.groups}
+        sized = {(w, h): torch.cat([resize_frames(image.permute(1, 2, 0).unsqueeze(0), w, h) for image in images])
+                 for w, h in sizes}
+        return self._score(lambda w, h: sized[(w, h)], len(jpegs), state)
 
     def _score(self, input_for: Callable[[int, int], torch.Tensor], count: int, state: "_State") -> Scores:
         """Every group's heads on `input_for(width, height)`: the batch at that group's input size."""
