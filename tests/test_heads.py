@@ -171,6 +171,10 @@ def test_metadata_problems_are_named(tmp_path):
     with pytest.raises(HeadError, match="not JSON"):
         read_head_file(save({"weight": np.zeros((1, F), np.float32), "bias": np.zeros(1, np.float32)},
                             metadata={"proctor": "[" * 100_000}))
+    # An input larger than any frame only upscales, at a cost that grows with its area, for every frame.
+    with pytest.raises(HeadError, match="each side must be 16..1920"):
+        read_head_file(_file_with_metadata({**good, "preprocessing": {**good["preprocessing"], "width": 4096,
+                                                                      "height": 4096}}))
     # Normalisation that is not a number, or absurd: every score of the head would be NaN or saturated.
     for bad in ({"scale": float("nan")}, {"std": [0.0, 1.0, 1.0]}, {"mean": [1e300, 0, 0]}, {"scale": 1e9}):
         pre = {**good["preprocessing"], **bad}
