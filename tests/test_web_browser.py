@@ -328,6 +328,21 @@ async def test_student_who_shares_before_the_start_is_streaming_once_it_starts(d
         await _until(page, "() => window.proctorStreamer.stats.framesSent >= 1")
 
 
+async def test_a_password_reset_stops_the_students_page_with_a_reason_instead_of_reconnecting(display, server):
+    async with _student_page(display, server, "Reset", "RESET234", running=True) as (page, _):
+        await page.check("#consent-check")
+        await page.click("#share")
+        await page.wait_for_selector("#status[data-state=sharing]", timeout=20_000)
+        store = server["store"]
+        student = await store.get_user_by_name("student1")
+        await store.set_password(student.id, hash_password("a-brand-new-passphrase"))
+        # Close code 4004: the page says why and stops; reconnecting would only be refused (the cookie's
+        # password fingerprint is out of date).
+        await page.wait_for_selector("#status[data-state=error]", timeout=15_000)
+        assert "password was reset" in await page.inner_text("#status-detail")
+        assert await page.evaluate("window.proctorStreamer.stats.reconnects") == 0
+
+
 async def test_frames_are_filtered_when_the_screen_is_scaled_down(display, server):
     """Heads are trained on screens scaled down with a filter (decode.page_jpeg); Chromium's default canvas
     smoothing point-samples the kept full-size bitmap instead, so text on a screen 3x the frame width (1920 to
