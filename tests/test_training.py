@@ -170,7 +170,7 @@ def test_no_training_copy_shows_an_out_of_fold_screenshot(tiny, monkeypatch):
     neg = [_png((20, 30, 200)), _png((30, 40, 210)), _png((40, 20, 190))]
     rows = []
     real = training._fit
-    monkeypatch.setattr(training, "_fit", lambda x, y, options: rows.append(len(x)) or real(x, y, options))
+    monkeypatch.setattr(training, "_fit", lambda x, y, options, **kw: rows.append(len(x)) or real(x, y, options, **kw))
     result = train_head("red", pos, neg, tiny, options=TrainOptions(copies=1, overlaps=2))
     assert result.metrics["overlap_copies"] == 2
     labels = np.array([1] * 3 + [0] * 3)
@@ -229,6 +229,28 @@ def test_not_an_image_names_the_file(tiny, tmp_path):
     neg = [_png((0, 0, 200)), _png((0, 0, 180))]
     with pytest.raises(TrainingError, match=r"broken\.jpg: not an image"):
         train_head("x", folder, neg, tiny, options=TrainOptions(augment=False))
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("mlp", [False, True])
+def test_a_fit_stops_at_its_next_step_when_progress_raises(tiny, tmp_path, mlp):
+    # A server shutting down raises from progress(); before, a fit (L-BFGS or the MLP's 400 steps) only
+    # checked between folds, so a shutdown waited for a whole fit.
+    pos = [_png((200, 30, 30), stripe=True), _png((210, 40, 20), stripe=True), _png((190, 20, 40), stripe=True)]
+    neg = [_png((20, 30, 200)), _png((30, 40, 210)), _png((40, 20, 190))]
+    calls = []
+
+    def progress(stage, done, total):
+        calls.append(stage)
+        if calls.count("fit") > 10:  # well inside the first fold's fit (3 folds + the final fit)
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train_head("red", pos, neg, tiny, options=TrainOptions(copies=1, mlp=mlp, cache_dir=tmp_path), progress=progress)
+    assert calls.count("fit") == 11
 
 
 def test_a_screenshot_past_pils_bomb_limit_is_a_clear_error():

@@ -446,10 +446,13 @@ def fold_ids(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return out
 
 
-def _fit(x: np.ndarray, y: np.ndarray, options: TrainOptions) -> dict[str, np.ndarray]:
+def _fit(x: np.ndarray, y: np.ndarray, options: TrainOptions,
+         interrupt: Callable[[], None] | None = None) -> dict[str, np.ndarray]:
     """Class-balanced logistic regression (L-BFGS) or a one-hidden-layer MLP (Adam) on standardised features.
 
     The standardisation is folded into the first layer, so the head file sees raw backbone features.
+    `interrupt` is called at every step and may raise to stop (a server shutting down must not wait for
+    a whole fit of thousands of screenshots).
     """
     torch.manual_seed(options.seed)
     mean = x.mean(axis=0)
@@ -466,6 +469,8 @@ def _fit(x: np.ndarray, y: np.ndarray, options: TrainOptions) -> dict[str, np.nd
         params = list(hidden.parameters()) + list(out.parameters())
         opt = torch.optim.Adam(params, lr=1e-3, weight_decay=options.l2)
         for _ in range(400):
+            if interrupt:
+                interrupt()
             opt.zero_grad()
             z = out(torch.relu(torch.nn.functional.dropout(hidden(xt), 0.2, training=True)))[:, 0]
             loss = (torch.nn.functional.binary_cross_entropy_with_logits(z, yt, reduction="none") * weights).sum()
@@ -480,6 +485,8 @@ def _fit(x: np.ndarray, y: np.ndarray, options: TrainOptions) -> dict[str, np.nd
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=300, history_size=20, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
+        if interrupt:
+            interrupt()
         opt.zero_grad()
         z = xt @ w + b
         loss = (torch.nn.functional.binary_cross_entropy_with_logits(z, yt, reduction="none") * weights).sum()
@@ -589,7 +596,8 @@ def train_head(name: str, positives: Sequence[ImageSource] | str | os.PathLike,
         train = fold != f
         # No training copy may show a screenshot that is scored out of fold, not even as a backdrop.
         use = train[:, None] & (shown != f)
-        tensors = _fit(feats[use], copy_labels[use], options)
+        tensors = _fit(feats[use], copy_labels[use], options,
+                       interrupt=(lambda f=f: progress("fit", f, k + 1)) if progress else None)
         model = make_head(name, program or name, kind, tensors, backbone.spec, threshold=0.5, pooling=options.pooling)
         if f < k:
             oof[~train] = model.scores(feats[~train, 0])
