@@ -128,6 +128,8 @@ class _State:
     infos: tuple[HeadInfo, ...]
     groups: tuple[_Group, ...]
     frame_size: tuple[int, int]
+    # frame_size, then every other group input size (see Engine.frame_sizes)
+    frame_sizes: tuple[tuple[int, int], ...]
 
 
 def _at_size(frame: np.ndarray | tuple[np.ndarray, ...], size: tuple[int, int]) -> np.ndarray:
@@ -191,7 +193,8 @@ class Engine:
         self._lock = threading.Lock()  # serialises set_heads; classify never waits on it
         self._backbone_calls = 0
         default = library.default.spec.preprocessing
-        self._state = _State((), (), (), (default.width, default.height))
+        size = (default.width, default.height)
+        self._state = _State((), (), (), size, (size,))
         logger.info("model engine on %s with %s (%d worker(s) x %d thread(s)%s), default backbone %s", self.device,
                     runtime, self.workers, self.threads,
                     f", {self.cpu_batch} frame(s) per call" if self.cpu_batch else "", library.default)
@@ -223,9 +226,8 @@ class Engine:
     def frame_sizes(self) -> tuple[tuple[int, int], ...]:
         """Every group's input size (width, height), frame_size first: a caller that decodes a frame at each
         (a tuple of arrays, in this order, given to classify) gives every head the pixels it was trained on,
-        instead of a resize of the largest."""
-        sizes = [(g.preprocessing.width, g.preprocessing.height) for g in self._state.groups]
-        return tuple(dict.fromkeys([self._state.frame_size] + sizes))
+        instead of a resize of the largest. Read for every frame: worked out when the heads change."""
+        return self._state.frame_sizes
 
     @property
     def heads(self) -> tuple[HeadInfo, ...]:
@@ -369,7 +371,8 @@ class Engine:
         else:
             default = self.library.default.spec.preprocessing
             size = (default.width, default.height)
-        return _State(tuple(heads), tuple(h.info() for h in heads), tuple(built), size)
+        sizes = tuple(dict.fromkeys([size] + [(g.preprocessing.width, g.preprocessing.height) for g in built]))
+        return _State(tuple(heads), tuple(h.info() for h in heads), tuple(built), size, sizes)
 
     def _runner(self, key: GroupKey) -> Runner:
         runner = self._runners.get(key)
