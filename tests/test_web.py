@@ -25,6 +25,7 @@ from proctor.passwords import hash_password
 from proctor.storage.base import Alert, SessionEvent, StoreUnavailable
 from proctor.storage.sqlite import SqliteStore
 from proctor.web import auth
+from proctor.web import services as sv
 from proctor.web.services import parse_head_file
 
 from fakes import raw_http_status
@@ -597,6 +598,20 @@ async def test_roster_import(client, world):
     assert "ok1" not in {u.username for u in await world.store.list_users()}
     resp = await client.post("/api/users/import", data="name\nx\n", headers={"X-CSRF-Token": token})
     assert resp.status == 400 and "'username' column" in (await resp.json())["error"]
+    # A misspelt column was ignored before (every full name silently empty): now refused, like the CLI's.
+    resp = await client.post("/api/users/import", data="username,fullname\nok3,Ok Three\n",
+                             headers={"X-CSRF-Token": token})
+    assert resp.status == 400 and "unknown column(s) 'fullname'" in (await resp.json())["error"]
+    # Each new user costs an argon2 hash on the server: a huge file is refused before any is made.
+    huge = "username\n" + "".join(f"u{i}\n" for i in range(sv.MAX_IMPORT_ROWS + 1))
+    resp = await client.post("/api/users/import", data=huge, headers={"X-CSRF-Token": token})
+    assert resp.status == 400 and f"at most {sv.MAX_IMPORT_ROWS} per import" in (await resp.json())["error"]
+    assert "u0" not in {u.username for u in await world.store.list_users()}
+    resp = await client.post("/api/users/import", data="password,username\nCorrect-Horse-42,new3\n",
+                             headers={"X-CSRF-Token": token})
+    assert resp.status == 201 and (await resp.json())["created"][0]["password"] is None
+    client.session.cookie_jar.clear()
+    await login(client, "new3", "Correct-Horse-42")
 
 
 async def test_heads_upload_activate_deactivate(client, world):

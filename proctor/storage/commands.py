@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import csv
 import datetime as dt
-import io
 import logging
 import os
 import re
@@ -17,16 +16,15 @@ from typing import AsyncIterator, Awaitable, Callable
 
 from proctor import config as config_module
 from proctor.cli import CommandError
+from proctor.roster import RosterError, RosterRow, parse_roster
 from proctor.passwords import WeakPassword, check_strength, generate_password, hash_password
 from proctor.storage import open_store, sqlite_path
-from proctor.storage import validate as v
-from proctor.storage.base import ROLES, Conflict, InvalidData, NotFound, Store, StoreError
+from proctor.storage.base import ROLES, Conflict, NotFound, Store, StoreError
 
 logger = logging.getLogger(__name__)
 
 _AGE = re.compile(r"^(\d+)([hdw])$")
 _AGE_UNITS = {"h": "hours", "d": "days", "w": "weeks"}
-_ROSTER_COLUMNS = ("username", "full_name", "role")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -55,8 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _database_flag(deactivate)
     deactivate.add_argument("username")
     deactivate.set_defaults(func=_sync(_users_deactivate))
-    imp = actions.add_parser("import", help="add users from a CSV roster with columns "
-                                            "username,full_name,role; prints their generated passwords")
+    imp = actions.add_parser("import", help="add users from a CSV roster (columns username and optionally "
+                                            "full_name, role, password); prints the generated passwords")
     _database_flag(imp)
     imp.add_argument("roster", type=Path)
     imp.set_defaults(func=_sync(_users_import))
@@ -227,45 +225,19 @@ async def _users_deactivate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_roster(path: Path) -> list[tuple[int, str, str, str]]:
-    """(line, username, full_name, role) for each row; every bad row is reported, naming its line."""
+def _read_roster(path: Path) -> list[RosterRow]:
+    """The roster's rows under proctor.roster's rules; every problem is reported with the file and line."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except OSError as exc:
         raise CommandError(f"cannot read roster {str(path)!r}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise CommandError(f"roster {str(path)!r} is not UTF-8 text: {exc}") from None
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    header = [h.strip() for h in (reader.fieldnames or [])]
-    if header[:3] != list(_ROSTER_COLUMNS):
-        raise CommandError(f"{path}: line 1: the header must be {','.join(_ROSTER_COLUMNS)} "
-                           f"(found {','.join(header) or 'nothing'})")
-    reader.fieldnames = header
-    rows, errors, seen = [], [], {}
-    for record in reader:
-        line = reader.line_num
-        username = (record.get("username") or "").strip()
-        full_name = (record.get("full_name") or "").strip()
-        role = (record.get("role") or "").strip().lower()
-        try:
-            if None in record or record.get("role") is None:
-                raise InvalidData(f"expected {len(header)} columns")
-            v.username(username)
-            v.role(role)
-            v.text("full name", full_name, max_length=200, allow_empty=True)
-            if username in seen:
-                raise InvalidData(f"username {username!r} is also on line {seen[username]}")
-        except InvalidData as exc:
-            errors.append(f"{path}: line {line}: {exc}")
-            continue
-        seen[username] = line
-        rows.append((line, username, full_name, role))
-    if errors:
-        more = f"\n... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        raise CommandError("roster refused, no user was added:\n" + "\n".join(errors[:20]) + more)
-    if not rows:
-        raise CommandError(f"{path}: no users in the roster")
-    return rows
+    try:
+        return parse_roster(text)
+    except RosterError as exc:
+        problems = "\n".join(f"{path}: {problem}" for problem in str(exc).splitlines())
+        raise CommandError("roster refused, no user was added:\n" + problems) from None
 
 
 async def _users_import(args: argparse.Namespace) -> int:
@@ -278,13 +250,14 @@ async def _users_import(args: argparse.Namespace) -> int:
         out = csv.writer(sys.stdout, lineterminator="\n")
         out.writerow(("username", "full_name", "role", "password"))
         created = 0
-        for line, username, full_name, role in rows:
-            if username in existing:
-                print(f"{args.roster}: line {line}: {username!r} exists already, skipped", file=sys.stderr)
+        for row in rows:
+            if row.username in existing:
+                print(f"{args.roster}: line {row.line}: {row.username!r} exists already, skipped", file=sys.stderr)
                 continue
-            password = generate_password()
-            await store.create_user(username, full_name, role, hash_password(password))
-            out.writerow((username, full_name, role, password))
+            # A password from the roster is not repeated: the column is for the generated ones.
+            password = row.password or generate_password()
+            await store.create_user(row.username, row.full_name or row.username, row.role, hash_password(password))
+            out.writerow((row.username, row.full_name or row.username, row.role, "" if row.password else password))
             sys.stdout.flush()
             created += 1
         await store.audit(None, "users_imported", str(args.roster), {"added": created})
