@@ -140,6 +140,27 @@ async def test_recording_is_rate_limited_and_capped(client, store, monkeypatch):
     assert len(await store.list_samples("capped")) == 2
 
 
+async def test_the_cap_counts_every_recording_of_a_label(client, store, monkeypatch):
+    # Two tabs recording one label each counted only their own frames: together they kept twice the cap.
+    monkeypatch.setattr(samples, "_MIN_INTERVAL_S", 0.0)
+    monkeypatch.setattr(samples, "MAX_SAMPLES_PER_LABEL", 3)
+    await login(client, "admin")
+    tabs = [await client.ws_connect("/ws/samples?label=shared", headers={"Origin": origin(client)})
+            for _ in range(2)]
+    for ws in tabs:
+        assert (await ws.receive_json(timeout=5))["count"] == 0
+    answers = []
+    for seq in range(1, 4):
+        for n, ws in enumerate(tabs):
+            await ws.send_bytes(protocol.pack_frame(seq, 0.0, tiny("red", seq * 2 + n)))
+            answers.append(await answer(ws, seq))
+    for ws in tabs:
+        await ws.close()
+    assert sum(1 for a in answers if a.get("stored")) == 3
+    assert [a["code"] for a in answers if a["type"] == "error"] == [samples.E_SAMPLE_LIMIT] * 3
+    assert len(await store.list_samples("shared")) == 3
+
+
 async def test_repeated_bad_frames_close_the_recording(client, store, monkeypatch):
     monkeypatch.setattr(samples, "_MIN_INTERVAL_S", 0.0)
     await login(client, "teach-a")

@@ -350,6 +350,18 @@ async def test_samples(store):
         await store.add_sample("word", b"nope", "recorded")
 
 
+async def test_sample_limit_holds_for_concurrent_writers(store):
+    await store.add_sample("word", jpeg(0), "recorded", limit=5)
+    # Twelve writers at once (on PostgreSQL over several pooled connections): exactly four more fit.
+    results = await asyncio.gather(*(store.add_sample("word", jpeg(i), "recorded", limit=5) for i in range(1, 13)),
+                                   return_exceptions=True)
+    refused = [r for r in results if isinstance(r, Conflict)]
+    assert len(refused) == 8 and "has 5 samples already" in str(refused[0])
+    assert (await store.count_samples())["word"] == 5
+    await store.add_sample("excel", jpeg(1), "recorded", limit=5)  # a limit is per label
+    await store.add_sample("word", jpeg(20), "recorded")  # no limit given: none applies
+
+
 # retention -------------------------------------------------------------------------------------------
 
 async def test_purge_deletes_old_ended_exams_data_only(store):

@@ -216,7 +216,9 @@ class Store(Protocol):
     async def list_audit(self, limit: int = 200) -> list[AuditEntry]: ...
 
     # training samples
-    async def add_sample(self, label: str, jpeg: bytes, source: str, exam_id: int | None = None) -> int: ...
+    async def add_sample(self, label: str, jpeg: bytes, source: str, exam_id: int | None = None,
+                         limit: int | None = None) -> int:
+        """Store a sample; with `limit`, Conflict when the label has that many already (checked atomically)."""
     async def list_samples(self, label: str | None = None) -> list[Sample]: ...
     async def count_samples(self) -> dict[str, int]:
         """Samples per label, without reading their JPEGs."""

@@ -101,6 +101,11 @@ class PostgresStore(SqlStore):
                 async with conn.transaction():
                     yield _Conn(conn)
 
+    async def _lock_name(self, c: Connection, name: str) -> None:
+        # Released at commit or rollback; hashtext's 32 bits may let two names share a lock (they then wait
+        # for each other, which costs a moment, never correctness).
+        await c.fetch("SELECT pg_advisory_xact_lock(hashtext(?))", name)
+
     def _ts(self, value: dt.datetime | None) -> Any:
         return value
 

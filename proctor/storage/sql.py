@@ -89,6 +89,10 @@ class SqlStore:
     def _transaction(self) -> AbstractAsyncContextManager[Connection]:
         raise NotImplementedError
 
+    async def _lock_name(self, c: Connection, name: str) -> None:
+        """Hold a lock on `name` until the transaction ends: writers of the same name run one after another."""
+        raise NotImplementedError
+
     def _ts(self, value: dt.datetime | None) -> Any:
         """A datetime as the driver stores it."""
         raise NotImplementedError
@@ -484,12 +488,21 @@ class SqlStore:
 
     # training samples ----------------------------------------------------------------------------
 
-    async def add_sample(self, label: str, jpeg: bytes, source: str, exam_id: int | None = None) -> int:
+    async def add_sample(self, label: str, jpeg: bytes, source: str, exam_id: int | None = None,
+                         limit: int | None = None) -> int:
         v.head_name(label)
         data = v.jpeg(f"sample for {label!r}", jpeg)
         v.text("sample source", source, max_length=64)
         exam = None if exam_id is None else _int("exam id", exam_id)
-        async with self._connection() as c:
+        async with self._transaction() as c:
+            if limit is not None:
+                # Counted in the transaction that inserts, one writer per label at a time: two recording tabs
+                # (or nodes) each counting for itself would keep twice the limit.
+                await self._lock_name(c, f"samples:{label}")
+                row = await c.fetchrow("SELECT COUNT(*) AS n FROM samples WHERE label = ?", label)
+                if int(row["n"]) >= limit:
+                    raise Conflict(f"head {label!r} has {int(row['n'])} samples already, the most kept per head "
+                                   f"({limit}); train it now")
             row = await c.fetchrow("INSERT INTO samples (label, jpeg, source, created_at, exam_id) "
                                    "VALUES (?, ?, ?, ?, ?) RETURNING id", label, data, source, self._ts(utcnow()), exam)
         return int(row["id"])

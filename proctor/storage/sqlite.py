@@ -112,6 +112,9 @@ class SqliteStore(SqlStore):
                     raise
                 await self._db.execute("COMMIT")
 
+    async def _lock_name(self, c: Connection, name: str) -> None:
+        pass  # BEGIN IMMEDIATE took the database's one write lock already
+
     def _ts(self, value: dt.datetime | None) -> Any:
         return None if value is None else value.astimezone(dt.timezone.utc).strftime(_TS_FORMAT)
 

@@ -20,7 +20,7 @@ from proctor.appkeys import CONFIG_KEY, HUB_KEY, STORE_KEY
 from proctor.batching import decode
 from proctor.server import refuse, ws_user
 from proctor.storage import validate
-from proctor.storage.base import InvalidData, Store, StoreError, User
+from proctor.storage.base import Conflict, InvalidData, Store, StoreError, User
 from proctor.training_jobs import TRAINING_KEY, JobRefused
 from proctor.web import services as sv
 from proctor.web.api import json_body, json_response
@@ -155,9 +155,13 @@ class _Recorder:
                              "reason": "unchanged screen"})
             return
         try:
-            await self.app[STORE_KEY].add_sample(self.label, jpeg, source="recorded")
+            await self.app[STORE_KEY].add_sample(self.label, jpeg, source="recorded", limit=MAX_SAMPLES_PER_LABEL)
         except InvalidData as exc:
             await self.error(protocol.E_BAD_JPEG, str(exc), seq, strike=True)
+            return
+        except Conflict as exc:  # other recordings (tabs, teachers, nodes) of this label filled it meanwhile
+            self.count = MAX_SAMPLES_PER_LABEL
+            await self.error(E_SAMPLE_LIMIT, str(exc), seq)
             return
         self._last_thumb = thumb
         self.count += 1
@@ -272,9 +276,11 @@ async def alert_to_sample(store: Store, actor: User, alert_id: str, label: str) 
     heads = {h.name for h in await store.list_heads(active_only=True)}
     if label not in heads:
         raise sv.bad(f"no active head named {label!r}: pick one of {', '.join(sorted(heads)) or 'none'}")
-    if (await store.count_samples()).get(label, 0) >= MAX_SAMPLES_PER_LABEL:
-        raise sv.WebError(409, f"head {label!r} has {MAX_SAMPLES_PER_LABEL} samples already, the most kept per head")
-    sample_id = await store.add_sample(label, alert.evidence, source="false_positive", exam_id=alert.exam_id)
+    try:
+        sample_id = await store.add_sample(label, alert.evidence, source="false_positive", exam_id=alert.exam_id,
+                                           limit=MAX_SAMPLES_PER_LABEL)
+    except Conflict as exc:
+        raise sv.WebError(409, str(exc)) from None
     if alert.review_state == "new":
         alert = await store.review_alert(alert.id, "false_positive", alert.review_note or f"it showed {label}",
                                          actor.id)
