@@ -48,7 +48,12 @@ class Config:
     alert_n: int = 3
     # Mean absolute difference (0..255) of 32x18 grey thumbnails under which a screen counts as unchanged.
     change_threshold: float = 2.0
-    decode_threads: int = 2
+    # Threads decoding JPEGs and making change-detection thumbnails. 0: the event loop decodes each frame
+    # itself, which saves the two thread wake-ups per frame (0.1-0.2 ms of CPU each frame on the 2-core test
+    # machine; benchmarks/decode_handoff.py) and suits a server whose model on a few CPU cores limits the
+    # frames/s anyway; with a GPU or many cores the loop would become the limit, and threads keep it free.
+    # -1 (auto): 0 when the model runs on a CPU of at most 4 cores, else 2.
+    decode_threads: int = -1
     # Batches in the model at once. 0 (auto): one per CPU core with ONNX Runtime, each single-threaded;
     # 1 on CUDA (or with eager torch on the CPU).
     inference_workers: int = 0
@@ -119,7 +124,8 @@ def _validate(c: Config) -> None:
     need(c.decode_device in ("cpu", "gpu"), "decode_device", c.decode_device, "must be cpu or gpu")
     need(not (c.decode_device == "gpu" and c.device == "cpu"), "decode_device", c.decode_device,
          "gpu decoding needs --device cuda or auto")
-    need(1 <= c.decode_threads <= 64, "decode_threads", c.decode_threads, "must be 1..64")
+    need(-1 <= c.decode_threads <= 64, "decode_threads", c.decode_threads,
+         "must be -1 (auto), 0 (on the event loop) or 1..64")
     need(0 <= c.inference_workers <= 64, "inference_workers", c.inference_workers, "must be 0 (auto) or 1..64")
     need(1 <= c.cpu_batch <= 1024, "cpu_batch", c.cpu_batch, "must be 1..1024")
     need((c.tls_cert is None) == (c.tls_key is None), "tls_cert/tls_key", (c.tls_cert, c.tls_key),

@@ -14,6 +14,7 @@ import gc
 import hmac
 import json
 import logging
+import os
 import ssl
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Protocol, Sequence
@@ -181,11 +182,24 @@ async def reload_heads(app: web.Application) -> None:
     logger.info("heads loaded: %s", ", ".join(h.name for h in classifier.heads) or "none")
 
 
+def decode_threads(config: Config, classifier: Any) -> int:
+    """Config.decode_threads, with auto (-1) worked out: 0 (the event loop decodes) when the model runs on a
+    CPU of at most 4 cores, whose frames/s it limits; else 2."""
+    if config.decode_threads >= 0:
+        return config.decode_threads
+    device = getattr(classifier, "device", None)
+    on_cpu = device is None or getattr(device, "type", str(device)) == "cpu"
+    return 0 if on_cpu and len(os.sched_getaffinity(0)) <= 4 else 2
+
+
 async def _pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG_KEY]
     metrics = app[METRICS_KEY]
     classifier = app[CLASSIFIER_KEY]
-    decode_pool = ThreadPoolExecutor(config.decode_threads, thread_name_prefix="decode")
+    threads = decode_threads(config, classifier)
+    # None: the event loop decodes (sessions.run_decode).
+    decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads else None
+    logger.info("JPEG frames are decoded %s", f"in {threads} thread(s)" if threads else "on the event loop")
     # One thread per batch the engine runs at once (on the CPU one per core, each single-threaded).
     workers = classifier.workers
     infer_pool = ThreadPoolExecutor(workers, thread_name_prefix="inference")
@@ -257,7 +271,8 @@ async def _pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
         # Joining the threads waits for a batch in the model: not on the event loop.
         loop = asyncio.get_running_loop()
         for pool in (decode_pool, infer_pool):
-            await loop.run_in_executor(None, functools.partial(pool.shutdown, wait=True))
+            if pool is not None:
+                await loop.run_in_executor(None, functools.partial(pool.shutdown, wait=True))
 
 
 async def _close_sockets(app: web.Application) -> None:
@@ -343,7 +358,7 @@ async def _relay_alert(app: web.Application, payload: dict[str, Any]) -> None:
     store = app[STORE_KEY]
     alert = await store.get_alert(payload["id"])
     user = await store.get_user(alert.student_id)
-    thumb = await alert_thumbnail(alert.evidence)
+    thumb = await alert_thumbnail(alert.evidence, app[STREAM_CTX_KEY].decode_executor)
     app[HUB_KEY].alert_opened(alert.exam_id, user, alert_message(alert, user, thumb))
 
 

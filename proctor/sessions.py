@@ -17,7 +17,7 @@ import time
 import uuid
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 from aiohttp import WSMsgType, web
@@ -32,6 +32,7 @@ from proctor.storage.base import Alert, Exam, SessionEvent, User, utcnow
 from proctor.whitelist import EpisodeTracker, FrameVerdict, Policy, judge
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Abuse rule: this many bad messages within the window closes the socket (1008).
 _STRIKE_LIMIT = 20
@@ -316,7 +317,8 @@ class StreamContext:
     config: Config
     metrics: Metrics
     batcher: DynamicBatcher
-    decode_executor: Executor
+    # None: JPEGs are decoded on the event loop itself (Config.decode_threads 0; see run_decode).
+    decode_executor: Executor | None
     hub: Hub
     classifier: Classifier
     # write(factory) queues a store write through the write-behind queue; never blocks.
@@ -652,7 +654,7 @@ class StreamSession:
             self._last_verdict = None  # heads were added or removed since: that verdict is out of date
         if self._last_verdict is not None and jpeg == self._last_bytes:
             return self._last_verdict, None
-        decoded = await self._loop.run_in_executor(self.ctx.decode_executor, self._decode, jpeg)
+        decoded = await run_decode(self.ctx.decode_executor, self._decode, jpeg)
         if (self._last_verdict is not None and self._last_thumb is not None
                 and decode.thumbnail_distance(decoded.thumb, self._last_thumb) < self.ctx.config.change_threshold):
             return self._last_verdict, None
@@ -731,7 +733,7 @@ class StreamSession:
     async def _store_evidence(self, wanted: _EvidenceWanted, jpeg: bytes) -> None:
         try:
             # Decoding at 1/8 scale reads every byte of the body: a corrupt one is refused, never stored.
-            thumb = await self._loop.run_in_executor(self.ctx.decode_executor, decode.thumbnail, jpeg)
+            thumb = await run_decode(self.ctx.decode_executor, decode.thumbnail, jpeg)
         except decode.DecodeError as exc:
             self.ctx.metrics.evidence_copies.labels("refused").inc()
             self._strike(protocol.E_BAD_JPEG, f"evidence: {exc}", wanted.seq)
@@ -796,17 +798,30 @@ class StreamSession:
         self.ctx.write(lambda: store.add_event(event), f"{kind} event")
 
 
-async def alert_thumbnail(evidence: bytes, executor: Executor | None = None, pixels: np.ndarray | None = None) -> bytes:
-    """The small JPEG for the teachers' live alert list, made in a thread; b"" when the evidence does not decode.
+async def run_decode(executor: Executor | None, fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args) in a decode thread, or on the event loop itself when the server runs none.
+
+    A decode of a 640-wide frame takes about half a millisecond. Handing it to a thread wakes that thread
+    and then the loop again, and at hall rates, where frames arrive one by one, nearly every frame pays
+    both wake-ups: on the 2-core test machine 0.1-0.2 ms of CPU per frame that the model then lacks
+    (benchmarks/decode_handoff.py). Where the model on a few CPU cores limits the frames/s anyway, the
+    loop decoding them itself is cheaper (Config.decode_threads).
+    """
+    if executor is None:
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+
+
+async def alert_thumbnail(evidence: bytes, executor: Executor | None, pixels: np.ndarray | None = None) -> bytes:
+    """The small JPEG for the teachers' live alert list (run_decode's way); b"" when the evidence does not decode.
 
     From `pixels` when the frame was decoded for the model already (about a fifth of the cost of
     decoding the evidence again), else from the evidence JPEG.
     """
-    loop = asyncio.get_running_loop()
     if pixels is not None:
-        return await loop.run_in_executor(executor, decode.thumbnail_jpeg, pixels)
+        return await run_decode(executor, decode.thumbnail_jpeg, pixels)
     try:
-        return await loop.run_in_executor(executor, decode.evidence_thumbnail, evidence)
+        return await run_decode(executor, decode.evidence_thumbnail, evidence)
     except decode.DecodeError:
         return b""  # the alert still goes out, without its picture
 

@@ -34,6 +34,8 @@ def test_flags_win_over_environment_which_wins_over_defaults():
     (["--trusted-proxies", "proxy.local"], "trusted_proxies"),
     (["--log-level", "LOUD"], "log_level"),
     (["--inference-workers", "-1"], "inference_workers"),
+    (["--decode-threads", "-2"], "decode_threads"),
+    (["--decode-threads", "65"], "decode_threads"),
     (["--cpu-batch", "0"], "cpu_batch"),
     (["--login-failures-per-address", "0"], "login_failures_per_address"),
 ])

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import aiohttp
@@ -115,8 +118,9 @@ async def answer_for(ws, seq, timeout=5.0):
             return message
 
 
-async def test_two_students_one_exam_teacher_gets_exactly_the_alerts(server, hall, classifier):
-    client = await server()
+@pytest.mark.parametrize("decode_threads", [0, 2])  # frames decoded on the event loop, or in threads
+async def test_two_students_one_exam_teacher_gets_exactly_the_alerts(server, hall, classifier, decode_threads):
+    client = await server(decode_threads=decode_threads)
     teacher = await client.ws_connect(f"/ws/exams/{hall['exam'].id}/live",
                                       headers=ws_headers(client, hall["teacher"]))
     snapshot = await teacher.receive_json(timeout=5)
@@ -204,8 +208,9 @@ def evidence_requests(messages):
     return [m for m in messages if m["type"] == "evidence_request"]
 
 
-async def test_alert_asks_for_its_frame_at_full_size_and_stores_that_as_evidence(server, hall, store):
-    client = await server(evidence_max_width=1920, max_frame_bytes=2_000_000)
+@pytest.mark.parametrize("decode_threads", [0, 2])
+async def test_alert_asks_for_its_frame_at_full_size_and_stores_that_as_evidence(server, hall, store, decode_threads):
+    client = await server(evidence_max_width=1920, max_frame_bytes=2_000_000, decode_threads=decode_threads)
     bob = await connect_student(client, hall["b"], hall["exam"])
     small = [screen("blue", 640, 360, seed=s) for s in range(2)]
     seen = []
@@ -762,9 +767,48 @@ async def test_alert_thumbnail_of_evidence_that_does_not_decode_is_empty():
     from proctor.sessions import alert_thumbnail
 
     # Before: the cross-node relay raised and the teachers of that node never saw the alert.
-    assert await alert_thumbnail(b"\xff\xd8\xff\xe0" + b"\x00" * 64) == b""
-    thumb = await alert_thumbnail(screen("red"))
-    assert thumb[:2] == b"\xff\xd8"
+    with ThreadPoolExecutor(1) as pool:
+        for executor in (None, pool):
+            assert await alert_thumbnail(b"\xff\xd8\xff\xe0" + b"\x00" * 64, executor) == b""
+            thumb = await alert_thumbnail(screen("red"), executor)
+            assert thumb[:2] == b"\xff\xd8"
+
+
+@pytest.mark.parametrize("decode_threads, decoded_in", [(0, "MainThread"), (2, "decode")])
+async def test_frames_are_decoded_where_decode_threads_says(server, hall, monkeypatch, decode_threads, decoded_in):
+    threads = []
+    real = decode.decode_with_thumbnail
+
+    def recording(jpeg, size):
+        threads.append(threading.current_thread().name)
+        return real(jpeg, size)
+
+    monkeypatch.setattr(decode, "decode_with_thumbnail", recording)
+    client = await server(decode_threads=decode_threads)
+    alice = await connect_student(client, hall["a"], hall["exam"])
+    for seq, colour in enumerate(("green", "red", "green")):
+        await send_frame(alice, seq, screen(colour, seed=seq))
+        assert (await answer_for(alice, seq))["type"] == "verdict"
+    await alice.close()
+    assert len(threads) == 3 and all(name.startswith(decoded_in) for name in threads), threads
+
+
+def test_auto_decode_threads_follow_the_model_and_the_cores(tmp_path, monkeypatch):
+    from proctor.server import decode_threads
+
+    def OnDevice(kind):  # noqa: N802 (reads like the engine it stands for)
+        return SimpleNamespace(device=SimpleNamespace(type=kind))
+
+    cores = {0, 1}
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cores)
+    auto = make_config(tmp_path, decode_threads=-1)
+    assert decode_threads(auto, FakeClassifier()) == 0  # no device: a CPU model
+    assert decode_threads(auto, OnDevice("cpu")) == 0
+    assert decode_threads(auto, OnDevice("cuda")) == 2  # a GPU model outruns one event loop's decoding
+    cores = set(range(16))
+    assert decode_threads(auto, OnDevice("cpu")) == 2
+    assert decode_threads(make_config(tmp_path, decode_threads=0), OnDevice("cuda")) == 0  # as configured
+    assert decode_threads(make_config(tmp_path, decode_threads=3), OnDevice("cpu")) == 3
 
 
 async def test_outbox_of_a_client_that_stops_reading_closes_its_socket():
