@@ -19,6 +19,10 @@ on this machine when every frame goes to the model:
 
 (the baseline spends all `cores` on the backbone; the server also spends `overhead` per frame).
 
+The ceiling is conservative: with the model asleep the cores idle most of the time, and on a virtual
+machine work done right after an idle costs more CPU than on a busy core (benchmarks/decode_handoff.py:
+a frame's decode 0.61 ms paced at 200/s against 0.49 ms back to back on the 2-core test machine).
+
     python benchmarks/overhead.py --credentials var/loadgen-creds.json --backbone-json \\
         benchmarks/results/pipeline-cpu.json --students 200 --json benchmarks/results/overhead/all-changed.json \\
         -- --database-url sqlite:///var/bench.db --client-fps 1

@@ -412,7 +412,7 @@ class StreamSession:
         self._inflight: _InFlight | None = None
         self._alert_id: str | None = None
         self._evidence_wanted: _EvidenceWanted | None = None
-        # Frames are numbered on arrival; thumbnails finish out of order on the decode threads, and
+        # Frames are numbered on arrival; with decode threads, thumbnails finish out of order, and
         # an older frame must never replace a newer one in the batcher.
         self._arrivals = 0
         self._newest_submitted = -1
@@ -661,7 +661,7 @@ class StreamSession:
         return None, decoded
 
     def _decode(self, jpeg: bytes) -> _Decoded:
-        """In a decode thread: the thumbnail, and the model's pixels from the same decode when the CPU decodes.
+        """The thumbnail, and the model's pixels from the same decode when the CPU decodes (through run_decode).
 
         Decoding every frame for the model, changed or not, costs an unchanged frame a little more than a
         thumbnail alone and saves a changed one a second decode; the pixels of an unchanged frame are
