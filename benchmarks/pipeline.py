@@ -43,7 +43,7 @@ from proctor.models.engine import Engine  # noqa: E402
 from proctor.models.heads import make_head  # noqa: E402
 from proctor.models.training import DEFAULT_POOLING  # noqa: E402
 from proctor.server import decode_threads  # noqa: E402
-from proctor.sessions import run_decode  # noqa: E402
+from proctor.sessions import LOOP_DECODE_MAX_BYTES  # noqa: E402
 from proctor.whitelist import Policy, judge  # noqa: E402
 
 
@@ -137,7 +137,7 @@ def time_backbone(engine: Engine, frames: list[np.ndarray], batch: int, seconds:
 
 async def time_pipeline(engine: Engine, jpegs: list[bytes], batch: int, total: int, decode_threads: int) -> float:
     policy = Policy(frozenset({"program0", "program1"}))
-    decode_pool = ThreadPoolExecutor(decode_threads) if decode_threads else None  # None: on the loop, as the server
+    decode_pool = ThreadPoolExecutor(max(1, decode_threads))
     infer_pool = ThreadPoolExecutor(engine.workers)
     size = engine.frame_size
 
@@ -148,11 +148,15 @@ async def time_pipeline(engine: Engine, jpegs: list[bytes], batch: int, total: i
     batcher = DynamicBatcher(prepare=None, infer=infer, decode_executor=decode_pool, infer_executor=infer_pool,
                              max_batch=batch, max_wait_s=0.01, max_queue=total + 1, infer_workers=engine.workers)
     batcher.start()
+    loop = asyncio.get_running_loop()
 
     async def frame(key, jpeg: bytes):
         # As a session does: one decode in the thread pool gives the change-detection thumbnail and
         # the pixels it then submits.
-        pixels, _thumb = await run_decode(decode_pool, decode.decode_with_thumbnail, jpeg, size)
+        if decode_threads == 0 and len(jpeg) <= LOOP_DECODE_MAX_BYTES:  # on the loop, as the server then does
+            pixels, _thumb = decode.decode_with_thumbnail(jpeg, size)
+        else:
+            pixels, _thumb = await loop.run_in_executor(decode_pool, decode.decode_with_thumbnail, jpeg, size)
         return await batcher.submit(key, pixels)
 
     # Warm-up batch, then the timed run: every frame from its own session, all offered at once,
@@ -162,8 +166,7 @@ async def time_pipeline(engine: Engine, jpegs: list[bytes], batch: int, total: i
     verdicts = await asyncio.gather(*(frame(i, jpegs[i % len(jpegs)]) for i in range(total)))
     elapsed = time.perf_counter() - started
     await batcher.close()
-    if decode_pool is not None:
-        decode_pool.shutdown()
+    decode_pool.shutdown()
     infer_pool.shutdown()
     assert len(verdicts) == total
     return total / elapsed

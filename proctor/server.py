@@ -30,7 +30,8 @@ from proctor.batching.batcher import DynamicBatcher
 from proctor.config import MAX_REQUEST_BYTES, Config
 from proctor.metrics import Metrics
 from proctor.models.interface import Classifier
-from proctor.sessions import Hub, Outbox, StreamContext, StreamSession, alert_message, alert_thumbnail
+from proctor.sessions import (LOOP_DECODE_MAX_BYTES, Hub, Outbox, StreamContext, StreamSession, alert_message,
+                              alert_thumbnail)
 from proctor.storage.base import InvalidData, NotFound, StoreError, StoreUnavailable, User
 from proctor.storage.writer import WriteBehind, WriteQueueClosed, WriteQueueFull
 from proctor.training_jobs import training_ctx
@@ -197,9 +198,10 @@ async def _pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     metrics = app[METRICS_KEY]
     classifier = app[CLASSIFIER_KEY]
     threads = decode_threads(config, classifier)
-    # None: the event loop decodes (sessions.run_decode).
-    decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads else None
-    logger.info("JPEG frames are decoded %s", f"in {threads} thread(s)" if threads else "on the event loop")
+    # With 0, one thread still decodes what the loop does not (large frames, evidence copies, thumbnails).
+    decode_pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="decode")
+    logger.info("JPEG frames are decoded %s", f"in {threads} thread(s)" if threads else
+                f"on the event loop (those over {LOOP_DECODE_MAX_BYTES // 1024} kB in a thread)")
     # One thread per batch the engine runs at once (on the CPU one per core, each single-threaded).
     workers = classifier.workers
     infer_pool = ThreadPoolExecutor(workers, thread_name_prefix="inference")
@@ -258,7 +260,8 @@ async def _pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     app[BATCHER_KEY] = batcher
     app[HUB_KEY] = hub
     app[STREAM_CTX_KEY] = StreamContext(config=config, metrics=metrics, batcher=batcher,
-                                        decode_executor=decode_pool, hub=hub, classifier=classifier,
+                                        decode_executor=decode_pool, decode_on_loop=threads == 0,
+                                        hub=hub, classifier=classifier,
                                         write=write, store=store)
     housekeeping = asyncio.create_task(_housekeeping(hub, classifier, metrics), name="housekeeping")
     try:
@@ -271,8 +274,7 @@ async def _pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
         # Joining the threads waits for a batch in the model: not on the event loop.
         loop = asyncio.get_running_loop()
         for pool in (decode_pool, infer_pool):
-            if pool is not None:
-                await loop.run_in_executor(None, functools.partial(pool.shutdown, wait=True))
+            await loop.run_in_executor(None, functools.partial(pool.shutdown, wait=True))
 
 
 async def _close_sockets(app: web.Application) -> None:

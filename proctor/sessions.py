@@ -17,7 +17,7 @@ import time
 import uuid
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from aiohttp import WSMsgType, web
@@ -32,7 +32,17 @@ from proctor.storage.base import Alert, Exam, SessionEvent, User, utcnow
 from proctor.whitelist import EpisodeTracker, FrameVerdict, Policy, judge
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
+# With Config.decode_threads 0, stream frames up to this size are decoded on the event loop. A decode of a
+# 640-wide frame (20-60 kB) takes about half a millisecond; handing it to a thread wakes that thread and then
+# the loop again, and at hall rates, where frames arrive one by one, nearly every frame pays both wake-ups:
+# 0.1-0.2 ms of CPU per frame on the 2-core test machine (benchmarks/decode_handoff.py), CPU the model lacks
+# where it limits the frames/s. Decoding is Huffman-bound, about 10 ms per MB here: larger frames (a page
+# sending its maximum, 2 MB by default) still go to the threads, so no frame holds the loop for more than a
+# few milliseconds, whatever a client sends.
+LOOP_DECODE_MAX_BYTES = 256 * 1024
+# ... and up to this many pixels, baseline JPEGs only: a 3840x2160 frame takes 20 ms even when small in bytes,
+# a progressive one several passes (60-75 ms for 1-1.5 MB at 4K). A page sends 640x360 by default.
+LOOP_DECODE_MAX_PIXELS = 1280 * 800
 
 # Abuse rule: this many bad messages within the window closes the socket (1008).
 _STRIKE_LIMIT = 20
@@ -317,8 +327,9 @@ class StreamContext:
     config: Config
     metrics: Metrics
     batcher: DynamicBatcher
-    # None: JPEGs are decoded on the event loop itself (Config.decode_threads 0; see run_decode).
-    decode_executor: Executor | None
+    decode_executor: Executor
+    # Config.decode_threads 0: stream frames up to LOOP_DECODE_MAX_BYTES are decoded on the event loop itself.
+    decode_on_loop: bool
     hub: Hub
     classifier: Classifier
     # write(factory) queues a store write through the write-behind queue; never blocks.
@@ -541,23 +552,26 @@ class StreamSession:
                        f"sending faster than {config.client_fps} frames/s", seq)
             return
         jpeg = bytes(jpeg_view)
-        width = self._checked_width(jpeg, seq)
-        if width is None:
+        size = self._checked_size(jpeg, seq)
+        if size is None:
             return
+        width, height = size
+        # See LOOP_DECODE_MAX_BYTES: only frames cheap to decode are decoded on the loop.
+        on_loop = (self.ctx.decode_on_loop and len(jpeg) <= LOOP_DECODE_MAX_BYTES
+                   and width * height <= LOOP_DECODE_MAX_PIXELS and not decode.is_progressive(jpeg))
         self._arrivals += 1
-        self._spawn(self._classify(seq, header.capture_ms, jpeg, width, received_at, self._arrivals))
+        self._spawn(self._classify(seq, header.capture_ms, jpeg, width, received_at, self._arrivals, on_loop))
 
-    def _checked_width(self, jpeg: bytes, seq: int) -> int | None:
-        """The JPEG's width after the header checks (decompression bomb, not a JPEG); None when refused."""
+    def _checked_size(self, jpeg: bytes, seq: int) -> tuple[int, int] | None:
+        """The JPEG's (width, height) after the header checks (decompression bomb, not a JPEG); None when refused."""
         try:
-            width, _ = decode.check_size(jpeg, self.ctx.config.max_frame_pixels)
+            return decode.check_size(jpeg, self.ctx.config.max_frame_pixels)
         except decode.TooManyPixels as exc:
             self._drop("oversize", protocol.E_TOO_MANY_PIXELS, str(exc), seq, strike=True)
             return None
         except decode.DecodeError as exc:
             self._drop("bad_jpeg", protocol.E_BAD_JPEG, str(exc), seq, strike=True)
             return None
-        return width
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.create_task(coroutine)
@@ -565,11 +579,11 @@ class StreamSession:
         task.add_done_callback(self._tasks.discard)
 
     async def _classify(self, seq: int, capture_ms: float, jpeg: bytes, width: int, received_at: float,
-                        arrival: int) -> None:
+                        arrival: int, on_loop: bool = False) -> None:
         ctx = self.ctx
         cached = False
         try:
-            verdict, decoded = await self._unchanged_verdict(jpeg)
+            verdict, decoded = await self._unchanged_verdict(jpeg, on_loop)
             if decoded is not None:
                 verdict = await self._inflight_verdict(jpeg, decoded.thumb)
             if verdict is not None:
@@ -648,20 +662,24 @@ class StreamSession:
             return None
         return await asyncio.shield(inflight.verdict)
 
-    async def _unchanged_verdict(self, jpeg: bytes) -> tuple[FrameVerdict, None] | tuple[None, _Decoded]:
+    async def _unchanged_verdict(self, jpeg: bytes,
+                                 on_loop: bool) -> tuple[FrameVerdict, None] | tuple[None, _Decoded]:
         """(the last verdict, None) when this screen is practically the one last classified, else (None, decoded)."""
         if self._last_heads != self.ctx.classifier.heads:
             self._last_verdict = None  # heads were added or removed since: that verdict is out of date
         if self._last_verdict is not None and jpeg == self._last_bytes:
             return self._last_verdict, None
-        decoded = await run_decode(self.ctx.decode_executor, self._decode, jpeg)
+        if on_loop:
+            decoded = self._decode(jpeg)  # see LOOP_DECODE_MAX_BYTES
+        else:
+            decoded = await self._loop.run_in_executor(self.ctx.decode_executor, self._decode, jpeg)
         if (self._last_verdict is not None and self._last_thumb is not None
                 and decode.thumbnail_distance(decoded.thumb, self._last_thumb) < self.ctx.config.change_threshold):
             return self._last_verdict, None
         return None, decoded
 
     def _decode(self, jpeg: bytes) -> _Decoded:
-        """The thumbnail, and the model's pixels from the same decode when the CPU decodes (through run_decode).
+        """The thumbnail, and the model's pixels from the same decode when the CPU decodes (thread or loop).
 
         Decoding every frame for the model, changed or not, costs an unchanged frame a little more than a
         thumbnail alone and saves a changed one a second decode; the pixels of an unchanged frame are
@@ -719,10 +737,11 @@ class StreamSession:
                          f"more than {EVIDENCE_WAIT_S:g} s late)", seq)
             return
         self._evidence_wanted = None  # one answer per request, good or bad: no probing for the limits
-        width = self._checked_width(jpeg, seq)
-        if width is None:
+        size = self._checked_size(jpeg, seq)
+        if size is None:
             refused.inc()
             return
+        width = size[0]
         if width < wanted.width:
             refused.inc()
             self._strike(protocol.E_UNEXPECTED_EVIDENCE, f"evidence of {width} pixels wide is smaller than the "
@@ -733,7 +752,7 @@ class StreamSession:
     async def _store_evidence(self, wanted: _EvidenceWanted, jpeg: bytes) -> None:
         try:
             # Decoding at 1/8 scale reads every byte of the body: a corrupt one is refused, never stored.
-            thumb = await run_decode(self.ctx.decode_executor, decode.thumbnail, jpeg)
+            thumb = await self._loop.run_in_executor(self.ctx.decode_executor, decode.thumbnail, jpeg)
         except decode.DecodeError as exc:
             self.ctx.metrics.evidence_copies.labels("refused").inc()
             self._strike(protocol.E_BAD_JPEG, f"evidence: {exc}", wanted.seq)
@@ -798,30 +817,17 @@ class StreamSession:
         self.ctx.write(lambda: store.add_event(event), f"{kind} event")
 
 
-async def run_decode(executor: Executor | None, fn: Callable[..., T], *args: Any) -> T:
-    """fn(*args) in a decode thread, or on the event loop itself when the server runs none.
-
-    A decode of a 640-wide frame takes about half a millisecond. Handing it to a thread wakes that thread
-    and then the loop again, and at hall rates, where frames arrive one by one, nearly every frame pays
-    both wake-ups: on the 2-core test machine 0.1-0.2 ms of CPU per frame that the model then lacks
-    (benchmarks/decode_handoff.py). Where the model on a few CPU cores limits the frames/s anyway, the
-    loop decoding them itself is cheaper (Config.decode_threads).
-    """
-    if executor is None:
-        return fn(*args)
-    return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
-
-
-async def alert_thumbnail(evidence: bytes, executor: Executor | None, pixels: np.ndarray | None = None) -> bytes:
-    """The small JPEG for the teachers' live alert list (run_decode's way); b"" when the evidence does not decode.
+async def alert_thumbnail(evidence: bytes, executor: Executor | None = None, pixels: np.ndarray | None = None) -> bytes:
+    """The small JPEG for the teachers' live alert list, made in a thread; b"" when the evidence does not decode.
 
     From `pixels` when the frame was decoded for the model already (about a fifth of the cost of
     decoding the evidence again), else from the evidence JPEG.
     """
+    loop = asyncio.get_running_loop()
     if pixels is not None:
-        return await run_decode(executor, decode.thumbnail_jpeg, pixels)
+        return await loop.run_in_executor(executor, decode.thumbnail_jpeg, pixels)
     try:
-        return await run_decode(executor, decode.evidence_thumbnail, evidence)
+        return await loop.run_in_executor(executor, decode.evidence_thumbnail, evidence)
     except decode.DecodeError:
         return b""  # the alert still goes out, without its picture
 

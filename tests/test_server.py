@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import os
 import threading
@@ -15,9 +16,10 @@ import numpy as np
 import pytest
 import simplejpeg
 from aiohttp import WSMsgType, web
+from PIL import Image
 
 from fakes import FakeClassifier, HeaderAuthenticator, add_fake_heads, many_scan_jpeg, raw_http_status, screen
-from proctor import protocol
+from proctor import protocol, sessions
 from proctor.appkeys import WRITER_KEY
 from proctor.batching import decode
 from proctor.config import Config
@@ -774,8 +776,19 @@ async def test_alert_thumbnail_of_evidence_that_does_not_decode_is_empty():
             assert thumb[:2] == b"\xff\xd8"
 
 
-@pytest.mark.parametrize("decode_threads, decoded_in", [(0, "MainThread"), (2, "decode")])
-async def test_frames_are_decoded_where_decode_threads_says(server, hall, monkeypatch, decode_threads, decoded_in):
+@pytest.mark.parametrize("decode_threads, loop_max_bytes, loop_max_pixels, progressive, decoded_in", [
+    (0, 256 * 1024, 1280 * 800, False, "MainThread"),
+    # Frames costly to decode go to the thread even then, so no client holds the loop for long: too many
+    # bytes, too many pixels, progressive.
+    (0, 1000, 1280 * 800, False, "decode"),
+    (0, 256 * 1024, 320 * 180, False, "decode"),
+    (0, 256 * 1024, 1280 * 800, True, "decode"),
+    (2, 256 * 1024, 1280 * 800, False, "decode"),
+])
+async def test_frames_are_decoded_where_decode_threads_says(server, hall, monkeypatch, decode_threads, loop_max_bytes,
+                                                            loop_max_pixels, progressive, decoded_in):
+    monkeypatch.setattr(sessions, "LOOP_DECODE_MAX_BYTES", loop_max_bytes)
+    monkeypatch.setattr(sessions, "LOOP_DECODE_MAX_PIXELS", loop_max_pixels)
     threads = []
     real = decode.decode_with_thumbnail
 
@@ -787,7 +800,14 @@ async def test_frames_are_decoded_where_decode_threads_says(server, hall, monkey
     client = await server(decode_threads=decode_threads)
     alice = await connect_student(client, hall["a"], hall["exam"])
     for seq, colour in enumerate(("green", "red", "green")):
-        await send_frame(alice, seq, screen(colour, seed=seq))
+        frame = screen(colour, 640, 360, seed=seq)  # 60-75 kB, like a page's frames
+        if progressive:
+            out = io.BytesIO()
+            Image.open(io.BytesIO(frame)).save(out, "JPEG", quality=70, progressive=True)
+            frame = out.getvalue()
+            assert decode.is_progressive(frame)
+        assert 1000 < len(frame) <= 256 * 1024  # under the real limit, over the test's small one
+        await send_frame(alice, seq, frame)
         assert (await answer_for(alice, seq))["type"] == "verdict"
     await alice.close()
     assert len(threads) == 3 and all(name.startswith(decoded_in) for name in threads), threads

@@ -112,6 +112,9 @@ def test_roster_import(run, tmp_path):
     assert verify_password(users["ann"].password_hash, rows[1].rsplit(",", 1)[1])
     code, _, err = run("users", "import", str(good))  # again: existing users are skipped
     assert code == 0 and "'ann' exists already, skipped" in err
+    good.write_text("username\nANN\n", encoding="utf-8")  # ignoring case: no second account
+    code, _, err = run("users", "import", str(good))
+    assert code == 0 and "line 2: 'ann' exists already, skipped" in err
 
 
 def test_roster_import_that_fails_halfway_still_shows_the_passwords_of_the_users_it_made(run, tmp_path,

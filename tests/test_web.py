@@ -610,6 +610,9 @@ async def test_roster_import(client, world):
     resp = await client.post("/api/users/import", data="password,username\nCorrect-Horse-42,new3\n",
                              headers={"X-CSRF-Token": token})
     assert resp.status == 201 and (await resp.json())["created"][0]["password"] is None
+    # "New3" is new3, not a second account next to her.
+    resp = await client.post("/api/users/import", data="username\nNew3\n", headers={"X-CSRF-Token": token})
+    assert resp.status == 201 and (await resp.json())["skipped"] == ["New3"]
     client.session.cookie_jar.clear()
     await login(client, "new3", "Correct-Horse-42")
 

@@ -65,13 +65,11 @@ class _Entry:
 
 class DynamicBatcher(Generic[T, P, R]):
     def __init__(self, *, prepare: Callable[[T], P] | None, infer: Callable[[list[P]], Sequence[R]],
-                 decode_executor: Executor | None, infer_executor: Executor, max_batch: int,
+                 decode_executor: Executor, infer_executor: Executor, max_batch: int,
                  max_wait_s: float, max_queue: int, decode_chunks: int = 2, infer_workers: int = 1,
                  metrics: Metrics | None = None) -> None:
         if max_batch < 1 or max_queue < 1 or max_wait_s < 0 or infer_workers < 1:
             raise ValueError("max_batch, max_queue and infer_workers must be >= 1 and max_wait_s >= 0")
-        if prepare is not None and decode_executor is None:
-            raise ValueError("prepare needs a decode_executor to run in")
         self._prepare = prepare
         self._infer = infer
         self._decode_executor = decode_executor

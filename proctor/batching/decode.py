@@ -1,6 +1,7 @@
 """JPEG decoding with libjpeg-turbo (simplejpeg): header checks, DCT-scaled decode, change-detection thumbnails.
 
-All functions are blocking and thread-safe: the server runs them in a thread pool.
+All functions are blocking and thread-safe: the server runs them in its decode threads, or a small frame's
+decode on the event loop (sessions.LOOP_DECODE_MAX_BYTES).
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ def read_size(jpeg: bytes | memoryview) -> tuple[int, int]:
     return width, height
 
 
+def is_progressive(jpeg: bytes) -> bool:
+    """Whether the JPEG is progressive (SOF2, or SOF10 with arithmetic coding): decoding one costs several passes."""
+    header = jpeg[:jpeg.find(b"\xff\xda")]
+    return b"\xff\xc2" in header or b"\xff\xca" in header
+
+
 def _check_scans(jpeg: bytes) -> None:
     """Refuse a progressive JPEG of more than MAX_SCANS scans (runs on the event loop for every frame).
 
@@ -53,8 +60,7 @@ def _check_scans(jpeg: bytes) -> None:
     followed by 0x00 or a restart marker, so every FF DA is one. (Counting them in every frame
     would cost 45 us each with cold caches.) An FF C2 inside a header table only costs the count.
     """
-    header = jpeg[:jpeg.find(b"\xff\xda")]
-    if b"\xff\xc2" not in header and b"\xff\xca" not in header:
+    if not is_progressive(jpeg):
         return
     data = np.frombuffer(jpeg, np.uint8)
     scans = int(np.count_nonzero((data[:-1] == 0xFF) & (data[1:] == 0xDA)))

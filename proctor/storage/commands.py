@@ -243,7 +243,8 @@ def _read_roster(path: Path) -> list[RosterRow]:
 async def _users_import(args: argparse.Namespace) -> int:
     rows = _read_roster(args.roster)
     async with _store(args) as store:
-        existing = {u.username for u in await store.list_users()}
+        # "Ann" in a roster when "ann" exists is her, not a second account (see proctor.roster).
+        existing = {u.username.lower(): u.username for u in await store.list_users()}
         # The passwords are shown this once, as CSV, so they can be printed or mailed to each user. Each row
         # goes out as soon as its user exists: if the database fails halfway, the users made so far keep
         # their passwords (a rerun skips them as existing and could never show them again).
@@ -251,8 +252,9 @@ async def _users_import(args: argparse.Namespace) -> int:
         out.writerow(("username", "full_name", "role", "password"))
         created = 0
         for row in rows:
-            if row.username in existing:
-                print(f"{args.roster}: line {row.line}: {row.username!r} exists already, skipped", file=sys.stderr)
+            if row.username.lower() in existing:
+                print(f"{args.roster}: line {row.line}: {existing[row.username.lower()]!r} exists already, skipped",
+                      file=sys.stderr)
                 continue
             # A password from the roster is not repeated: the column is for the generated ones.
             password = row.password or generate_password()
