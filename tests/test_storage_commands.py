@@ -93,6 +93,8 @@ def test_users_add_list_deactivate(run):
     assert run("users", "deactivate", "bob")[0] == 0
     code, out, _ = run("users", "list")
     assert re.search(r"^bob\s+student\s+no\s+Bob B$", out, re.M)
+    assert run("users", "add", "cid", "--role", "student")[0] == 0  # no full name: the username stands in
+    assert re.search(r"^cid\s+student\s+yes\s+cid$", run("users", "list")[1], re.M)
     code, _, err = run("users", "deactivate", "nobody")
     assert code == 2 and "no user named 'nobody'" in err
     code, _, err = run("users", "deactivate", "admin")

@@ -190,7 +190,9 @@ async def _users_add(args: argparse.Namespace) -> int:
     password, generated = _chosen_password(args.password, f"password of {args.username!r}")
     async with _store(args) as store:
         try:
-            user = await store.create_user(args.username, args.full_name, args.role, hash_password(password))
+            # No full name given: the username stands in, as on the admin page and in roster imports.
+            user = await store.create_user(args.username, args.full_name.strip() or args.username, args.role,
+                                           hash_password(password))
         except Conflict:
             raise CommandError(f"username {args.username!r} already exists") from None
         await store.audit(None, "user_added", user.username, {"role": user.role, "by": "cli"})
