@@ -3,8 +3,8 @@
 A header row names the columns, in any order: `username` (required), `full_name`, `role` (admin, teacher
 or student; student when absent or empty) and `password` (checked like any password; one is generated when
 absent or empty). Every row is checked before anyone is created, and a refused roster names the line of
-each problem, so a file is either imported whole or not at all (users that exist already are skipped by
-the callers, which makes importing the same file twice harmless).
+each problem, so a file with a problem imports nobody (users that exist already are skipped by the callers,
+which makes importing the same file twice harmless, also after a database error stopped one halfway).
 """
 
 from __future__ import annotations
