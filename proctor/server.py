@@ -30,8 +30,7 @@ from proctor.batching.batcher import DynamicBatcher
 from proctor.config import MAX_REQUEST_BYTES, Config
 from proctor.metrics import Metrics
 from proctor.models.interface import Classifier
-from proctor.sessions import (LOOP_DECODE_MAX_BYTES, Hub, Outbox, StreamContext, StreamSession, alert_message,
-                              alert_thumbnail)
+from proctor.sessions import Hub, Outbox, StreamContext, StreamSession, alert_message, alert_thumbnail
 from proctor.storage.base import InvalidData, NotFound, StoreError, StoreUnavailable, User
 from proctor.storage.writer import WriteBehind, WriteQueueClosed, WriteQueueFull
 from proctor.training_jobs import training_ctx
@@ -201,7 +200,7 @@ async def _pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     # With 0, one thread still decodes what the loop does not (large frames, evidence copies, thumbnails).
     decode_pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="decode")
     logger.info("JPEG frames are decoded %s", f"in {threads} thread(s)" if threads else
-                f"on the event loop (those over {LOOP_DECODE_MAX_BYTES // 1024} kB in a thread)")
+                "on the event loop (large or progressive ones, evidence copies and thumbnails in a thread)")
     # One thread per batch the engine runs at once (on the CPU one per core, each single-threaded).
     workers = classifier.workers
     infer_pool = ThreadPoolExecutor(workers, thread_name_prefix="inference")
