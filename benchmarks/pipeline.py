@@ -43,7 +43,7 @@ from proctor.models.engine import Engine  # noqa: E402
 from proctor.models.heads import make_head  # noqa: E402
 from proctor.models.training import DEFAULT_POOLING  # noqa: E402
 from proctor.server import decode_threads  # noqa: E402
-from proctor.sessions import LOOP_DECODE_MAX_BYTES  # noqa: E402
+from proctor.sessions import cheap_to_decode  # noqa: E402
 from proctor.whitelist import Policy, judge  # noqa: E402
 
 
@@ -153,7 +153,7 @@ async def time_pipeline(engine: Engine, jpegs: list[bytes], batch: int, total: i
     async def frame(key, jpeg: bytes):
         # As a session does: one decode in the thread pool gives the change-detection thumbnail and
         # the pixels it then submits.
-        if decode_threads == 0 and len(jpeg) <= LOOP_DECODE_MAX_BYTES:  # on the loop, as the server then does
+        if decode_threads == 0 and cheap_to_decode(jpeg, *decode.read_size(jpeg)):  # on the loop, as the server
             pixels, _thumb = decode.decode_with_thumbnail(jpeg, size)
         else:
             pixels, _thumb = await loop.run_in_executor(decode_pool, decode.decode_with_thumbnail, jpeg, size)
@@ -231,7 +231,8 @@ def main() -> int:
         print(f"backbone {runtime}: {by_runtime[runtime]:.1f} frames/s", flush=True)
         del other
 
-    pipeline_fps = asyncio.run(time_pipeline(engine, jpegs, args.batch, args.frames, decode_threads(config, engine)))
+    threads = decode_threads(config, engine)
+    pipeline_fps = asyncio.run(time_pipeline(engine, jpegs, args.batch, args.frames, threads))
     print(f"pipeline: {pipeline_fps:.1f} frames/s", flush=True)
     naive_fps = time_naive(jpegs, args.heads, args.naive_frames, size)
     print(f"naive ({args.heads} full classifiers per frame, batch 1): {naive_fps:.2f} frames/s", flush=True)

@@ -50,10 +50,10 @@ class Config:
     change_threshold: float = 2.0
     # Threads decoding JPEGs and making change-detection thumbnails. 0: the event loop decodes each stream
     # frame itself (cheap ones: sessions.LOOP_DECODE_MAX_BYTES/_PIXELS, baseline; one thread takes the rest,
-    # evidence copies and thumbnails), which saves two thread wake-ups per frame (0.1-0.2 ms of CPU on the 2-core test machine;
-    # benchmarks/decode_handoff.py) and suits a server whose model on a few CPU cores limits the frames/s
-    # anyway; with a GPU or many cores the loop would become the limit, and threads keep it free.
-    # -1 (auto): 0 when the model runs on a CPU of at most 4 cores, else 2.
+    # evidence copies and thumbnails), which saves two thread wake-ups per frame (0.1-0.2 ms of CPU on the
+    # 2-core test machine; benchmarks/decode_handoff.py) and suits a server whose model on a few CPU cores
+    # limits the frames/s anyway; with a GPU or many cores the loop would become the limit, and threads keep
+    # it free. -1 (auto): 0 when the model runs on a CPU of at most 4 cores, else 2.
     decode_threads: int = -1
     # Batches in the model at once. 0 (auto): one per CPU core with ONNX Runtime, each single-threaded;
     # 1 on CUDA (or with eager torch on the CPU).
@@ -63,8 +63,7 @@ class Config:
     # for 32 they go out to memory: here 2 gave 229 frames/s against 203 for 32 (benchmarks/pipeline.py).
     cpu_batch: int = 2
     # "cpu": libjpeg-turbo in the decode threads (or on the event loop, see decode_threads); "gpu": nvJPEG
-    # batch decode on the CUDA device,
-    # which frees the CPU cores for many streams (needs device cuda).
+    # batch decode on the CUDA device, which frees the CPU cores for many streams (needs device cuda).
     decode_device: str = "cpu"
     tls_cert: str | None = None
     tls_key: str | None = None

@@ -44,6 +44,12 @@ LOOP_DECODE_MAX_BYTES = 256 * 1024
 # a progressive one several passes (60-75 ms for 1-1.5 MB at 4K). A page sends 640x360 by default.
 LOOP_DECODE_MAX_PIXELS = 1280 * 800
 
+
+def cheap_to_decode(jpeg: bytes, width: int, height: int) -> bool:
+    """Whether a frame may be decoded on the event loop (see LOOP_DECODE_MAX_BYTES)."""
+    return (len(jpeg) <= LOOP_DECODE_MAX_BYTES and width * height <= LOOP_DECODE_MAX_PIXELS
+            and not decode.is_progressive(jpeg))
+
 # Abuse rule: this many bad messages within the window closes the socket (1008).
 _STRIKE_LIMIT = 20
 _STRIKE_WINDOW_S = 10.0
@@ -328,7 +334,7 @@ class StreamContext:
     metrics: Metrics
     batcher: DynamicBatcher
     decode_executor: Executor
-    # Config.decode_threads 0: stream frames up to LOOP_DECODE_MAX_BYTES are decoded on the event loop itself.
+    # Config.decode_threads 0: cheap stream frames are decoded on the event loop itself (LOOP_DECODE_MAX_BYTES).
     decode_on_loop: bool
     hub: Hub
     classifier: Classifier
@@ -556,9 +562,7 @@ class StreamSession:
         if size is None:
             return
         width, height = size
-        # See LOOP_DECODE_MAX_BYTES: only frames cheap to decode are decoded on the loop.
-        on_loop = (self.ctx.decode_on_loop and len(jpeg) <= LOOP_DECODE_MAX_BYTES
-                   and width * height <= LOOP_DECODE_MAX_PIXELS and not decode.is_progressive(jpeg))
+        on_loop = self.ctx.decode_on_loop and cheap_to_decode(jpeg, width, height)
         self._arrivals += 1
         self._spawn(self._classify(seq, header.capture_ms, jpeg, width, received_at, self._arrivals, on_loop))
 

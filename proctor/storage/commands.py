@@ -16,8 +16,8 @@ from typing import AsyncIterator, Awaitable, Callable
 
 from proctor import config as config_module
 from proctor.cli import CommandError
-from proctor.roster import RosterError, RosterRow, parse_roster
 from proctor.passwords import WeakPassword, check_strength, generate_password, hash_password
+from proctor.roster import RosterError, RosterRow, parse_roster
 from proctor.storage import open_store, sqlite_path
 from proctor.storage.base import ROLES, Conflict, NotFound, Store, StoreError
 
@@ -95,10 +95,7 @@ async def open_initialised(url: str) -> Store:
     """
     if url.startswith("sqlite:///") and not sqlite_path(url).exists():
         raise CommandError(f"no database at {sqlite_path(url)}: run `proctor init` first")
-    try:
-        store = await open_store(url)
-    except StoreError as exc:
-        raise CommandError(str(exc)) from None
+    store = await _open(url)
     try:
         if await store.pending_migrations():
             raise CommandError(f"the database at {_redacted(url)} is not initialised or is out of date: "
@@ -109,17 +106,18 @@ async def open_initialised(url: str) -> Store:
     return store
 
 
+async def _open(url: str) -> Store:
+    try:
+        return await open_store(url)
+    except StoreError as exc:
+        raise CommandError(str(exc)) from None
+
+
 @asynccontextmanager
 async def _store(args: argparse.Namespace, *, migrate: bool = False) -> AsyncIterator[Store]:
     """Open the store; every StoreError inside becomes a CommandError with the store's message."""
     url = _database_url(args)
-    if migrate:
-        try:
-            store = await open_store(url)
-        except StoreError as exc:
-            raise CommandError(str(exc)) from None
-    else:
-        store = await open_initialised(url)
+    store = await (_open(url) if migrate else open_initialised(url))
     try:
         if migrate:
             applied = await store.migrate()
@@ -260,8 +258,9 @@ async def _users_import(args: argparse.Namespace) -> int:
                 continue
             # A password from the roster is not repeated: the column is for the generated ones.
             password = row.password or generate_password()
-            await store.create_user(row.username, row.full_name or row.username, row.role, hash_password(password))
-            out.writerow((row.username, row.full_name or row.username, row.role, "" if row.password else password))
+            full_name = row.full_name or row.username
+            await store.create_user(row.username, full_name, row.role, hash_password(password))
+            out.writerow((row.username, full_name, row.role, "" if row.password else password))
             sys.stdout.flush()
             created += 1
         await store.audit(None, "users_imported", str(args.roster), {"added": created})
