@@ -100,6 +100,19 @@ def test_one_decode_gives_the_model_pixels_and_the_same_thumbnail():
         assert decode.thumbnail_distance(a, b) > 20.0
 
 
+@pytest.mark.parametrize("size", [(320, 180), (640, 360), (96, 54), (330, 190)])
+def test_thumbnail_of_is_the_grey_block_mean_pil_makes(size):
+    """The numpy block means (exact multiples of 32x18) and PIL's path (other sizes, strided arrays) agree."""
+    rng = np.random.default_rng(7)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    for array in (pixels, pixels[:, ::-1]):  # a reversed view is not contiguous: PIL's path takes it
+        reference = Image.fromarray(np.ascontiguousarray(array)).convert("L").resize(decode.THUMB_SIZE, Image.BOX)
+        thumb = decode.thumbnail_of(array)
+        assert thumb.dtype == np.float32 and thumb.shape == (18, 32)
+        assert np.abs(thumb - np.asarray(reference, np.float32)).max() <= 1.0
+        assert np.array_equal(thumb, np.rint(thumb))
+
+
 def test_evidence_thumbnail_is_a_small_jpeg():
     small = decode.evidence_thumbnail(jpeg(1920, 1080))
     assert decode.read_size(small) == (320, 180)

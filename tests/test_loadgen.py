@@ -320,7 +320,7 @@ class _ScriptedSocket:
     async def send_json(self, data: dict) -> None:
         self.sent.append((asyncio.get_running_loop().time(), data["type"]))
 
-    async def receive(self, timeout: float) -> Any:
+    async def receive(self, timeout: float | None = None) -> Any:
         return await asyncio.wait_for(self.answers.get(), timeout)
 
     async def close(self) -> None:
