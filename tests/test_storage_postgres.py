@@ -8,7 +8,7 @@ import pytest
 
 from proctor.storage import open_store
 from proctor.storage.base import StoreUnavailable
-from test_storage import alert, head, setup_exam
+from test_storage import alert, head, jpeg, setup_exam
 
 pytestmark = pytest.mark.postgres
 
@@ -132,3 +132,20 @@ def test_passing_postgres_states_are_unavailable_so_writes_wait_instead_of_being
     with pytest.raises(StoreUnavailable, match=error):
         with _mapped_errors():
             raise getattr(asyncpg, error)("cannot execute INSERT in a read-only transaction")
+
+
+async def test_sample_limit_holds_whatever_isolation_the_database_defaults_to(postgres_server):
+    """A DBA may set default_transaction_isolation: the store names READ COMMITTED, which its locks rely on."""
+    url = await postgres_server.new_database()
+    store = await open_store(url + "?default_transaction_isolation=repeatable%20read")
+    try:
+        await store.migrate()
+        async with store._connection() as c:  # the setting did reach the server
+            assert (await c.fetchrow("SHOW default_transaction_isolation"))[0] == "repeatable read"
+        await store.add_sample("word", jpeg(0), "recorded", limit=5)
+        results = await asyncio.gather(*(store.add_sample("word", jpeg(i), "recorded", limit=5)
+                                         for i in range(1, 13)), return_exceptions=True)
+        assert sum(isinstance(r, int) for r in results) == 4
+        assert (await store.count_samples())["word"] == 5
+    finally:
+        await store.close()

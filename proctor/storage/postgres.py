@@ -98,7 +98,10 @@ class PostgresStore(SqlStore):
         self._check_open()
         with _mapped_errors():
             async with self._pool.acquire() as conn:
-                async with conn.transaction():
+                # Named, not the database's default_transaction_isolation: the store's transactions are written
+                # for READ COMMITTED (a sample count taken after waiting on its lock must see the writes that
+                # lock waited for; under REPEATABLE READ its snapshot predates the wait and the cap leaks).
+                async with conn.transaction(isolation="read_committed"):
                     yield _Conn(conn)
 
     async def _lock_name(self, c: Connection, name: str) -> None:
