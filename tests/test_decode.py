@@ -113,6 +113,11 @@ def test_thumbnail_of_is_the_grey_block_mean_pil_makes(size):
         assert np.array_equal(thumb, np.rint(thumb))
 
 
+def test_thumbnail_of_a_white_frame_too_tall_for_uint16_sums_is_white():
+    pixels = np.full((18 * 260, 32, 3), 255, np.uint8)  # blocks of 260 rows: 260 x 255 is over 65,535
+    assert (decode.thumbnail_of(pixels) == 255).all()
+
+
 def test_evidence_thumbnail_is_a_small_jpeg():
     small = decode.evidence_thumbnail(jpeg(1920, 1080))
     assert decode.read_size(small) == (320, 180)

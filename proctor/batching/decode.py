@@ -151,15 +151,15 @@ def thumbnail_of(pixels: np.ndarray) -> np.ndarray:
     """The change-detection thumbnail (as `thumbnail` makes it, within a grey level) of decoded RGB pixels."""
     height, width = pixels.shape[:2]
     thumb_width, thumb_height = THUMB_SIZE
-    if width % thumb_width or height % thumb_height or not pixels.flags.c_contiguous:
+    block_height, block_width = height // thumb_height, width // thumb_width
+    if (width % thumb_width or height % thumb_height or not pixels.flags.c_contiguous
+            or block_height * 255 > np.iinfo(np.uint16).max):
         image = Image.fromarray(pixels).convert("L").resize(THUMB_SIZE, Image.BOX)
         return np.asarray(image, dtype=np.float32)
     # The model's 320x180 is an exact multiple: block means in numpy cost 25 us where PIL's copy into its
     # own image, reduce and convert cost 85 (this runs for every decoded frame, on the event loop). First
-    # the rows of each block band are summed (uint16 holds up to 257 rows of 255), then one product with the
-    # luma weights repeated per pixel sums each block's columns and makes it grey, rounded to whole grey
-    # levels as PIL's are.
-    block_height, block_width = height // thumb_height, width // thumb_width
+    # the rows of each block band are summed in uint16, then one product with the luma weights repeated per
+    # pixel sums each block's columns and makes it grey, rounded to whole grey levels as PIL's are.
     bands = np.add.reduce(pixels.reshape(thumb_height, block_height, width * 3), axis=1, dtype=np.uint16)
     weights = np.tile(_LUMA, block_width) / np.float32(block_width * block_height)
     grey = bands.reshape(thumb_height, thumb_width, block_width * 3).astype(np.float32) @ weights
