@@ -19,7 +19,6 @@ from proctor.storage import validate
 from proctor.storage.base import InvalidData
 
 COLUMNS = ("username", "full_name", "role", "password")
-MAX_FULL_NAME = 200
 MAX_COLUMNS = 16  # a header wider than this is another kind of file (after trailing empty cells are dropped)
 # Problems listed in a refusal: enough to fix a file in one go, not a wall of text for a wrong file.
 MAX_LISTED = 20
@@ -125,7 +124,7 @@ def _row(line: int, cells: dict[str, str]) -> RosterRow:
         # A line break in a name is an unclosed quote that swallowed the rows after it, not a name.
         raise InvalidData(f"full name of {username!r} has a line break or control character "
                           "(an unclosed quote on this line?)")
-    validate.text("full name", full_name, max_length=MAX_FULL_NAME, allow_empty=True)
+    validate.full_name(full_name)
     role = validate.role(cells.get("role", "").strip().lower() or "student")
     password = cells.get("password") or None
     if password is not None:

@@ -583,7 +583,7 @@ class StreamSession:
         task.add_done_callback(self._tasks.discard)
 
     async def _classify(self, seq: int, capture_ms: float, jpeg: bytes, width: int, received_at: float,
-                        arrival: int, on_loop: bool = False) -> None:
+                        arrival: int, on_loop: bool) -> None:
         ctx = self.ctx
         cached = False
         try:

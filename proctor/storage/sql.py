@@ -148,7 +148,7 @@ class SqlStore:
 
     async def create_user(self, username: str, full_name: str, role: str, password_hash: str) -> User:
         v.username(username)
-        v.text("full name", full_name, max_length=200, allow_empty=True)
+        v.full_name(full_name)
         v.role(role)
         v.password_hash(password_hash)
         try:

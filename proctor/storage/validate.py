@@ -35,6 +35,14 @@ def role(value: str) -> str:
     return value
 
 
+MAX_FULL_NAME = 200
+
+
+def full_name(value: str) -> str:
+    """A user's full name: may be empty (the callers then show the username), at most MAX_FULL_NAME characters."""
+    return text("full name", value, max_length=MAX_FULL_NAME, allow_empty=True)
+
+
 def password_hash(value: str) -> str:
     # The store only ever keeps argon2 hashes: a plain password handed in by mistake is refused.
     if not isinstance(value, str) or not value.startswith("$argon2"):

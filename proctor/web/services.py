@@ -122,7 +122,7 @@ async def create_user(store: Store, actor: User, username: str, full_name: str, 
     try:
         validate.username(username)
         validate.role(role)
-        validate.text("full name", full_name, max_length=MAX_NAME, allow_empty=True)
+        validate.full_name(full_name)
     except InvalidData as exc:
         raise bad(str(exc)) from None
     generated = None
