@@ -117,6 +117,12 @@ async def test_bad_users_are_refused(store, username, role, password_hash, messa
         await store.create_user(username, "", role, password_hash)
 
 
+async def test_a_refused_value_is_not_repeated_whole_in_the_error(store):
+    with pytest.raises(InvalidData, match=r"invalid username 'x{20,}\.\.\. \(1000000 characters\)") as caught:
+        await store.create_user("x" * 999_999 + " ", "", "student", HASH)
+    assert len(str(caught.value)) < 300
+
+
 async def test_unknown_users(store):
     with pytest.raises(NotFound, match="no user named 'ghost'"):
         await store.get_user_by_name("ghost")

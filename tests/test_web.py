@@ -232,6 +232,23 @@ def test_limiter_per_address_and_window():
     assert limiter.wait("someone-else", "10.0.0.1")[0] == 0
 
 
+def test_limiter_memory_stays_small_under_a_spray_of_huge_usernames():
+    limiter = auth.LoginLimiter(per_address=1000)
+    for i in range(20):
+        name = f"{i}-" + "x" * 1_000_000
+        assert limiter.begin(name, "10.0.0.1") == (0, "")
+        limiter.end(name, "10.0.0.1", False)
+    assert sum(len(key) for key in limiter._failures) < 2_000
+
+
+async def test_a_megabyte_username_is_a_wrong_login_and_is_audited(client, world):
+    resp = await client.post("/api/login", json={"username": "a" * 1_000_000, "password": "not-the-password"})
+    assert resp.status == 401, await resp.text()
+    assert len(await resp.read()) < 1_000
+    failed = [e for e in await world.store.list_audit() if e.action == "login.failed"]
+    assert failed[-1].target == "user:" + "a" * 64 and failed[-1].detail["username_length"] == 1_000_000
+
+
 async def test_simultaneous_logins_cannot_slip_past_the_account_limit(client):
     async def attempt() -> int:
         return (await client.post("/api/login", json={"username": "stud-a", "password": "wrong-password!"})).status

@@ -18,20 +18,32 @@ from proctor.storage.base import EVENT_KINDS, REVIEW_STATES, ROLES, InvalidData
 ALERT_VERDICTS = ("unrecognised", "forbidden_program")
 CHANNELS = ("alert", "alert_closed", "presence", "heads", "exam", "user")
 MAX_NOTIFY_BYTES = 1000  # PostgreSQL allows 8000; ids only, so a small cap catches misuse early.
-_USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+MAX_USERNAME = 64
+_USERNAME = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._@-]{{0,{MAX_USERNAME - 1}}}$")
 _HEAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# How much of a refused value an error message repeats: a megabyte "username" must not come back whole.
+_SHOWN_CHARS = 80
+
+
+def shown(value: Any) -> str:
+    """repr(value) for an error message, cut to a readable length."""
+    text = repr(value)
+    if len(text) <= _SHOWN_CHARS:
+        return text
+    size = f" ({len(value)} characters)" if isinstance(value, str) else ""
+    return text[:_SHOWN_CHARS] + "..." + size
 
 
 def username(value: str) -> str:
     if not isinstance(value, str) or not _USERNAME.match(value):
-        raise InvalidData(f"invalid username {value!r}: 1-64 letters, digits or . _ @ -, "
+        raise InvalidData(f"invalid username {shown(value)}: 1-64 letters, digits or . _ @ -, "
                           "starting with a letter or digit")
     return value
 
 
 def role(value: str) -> str:
     if value not in ROLES:
-        raise InvalidData(f"invalid role {value!r}: must be one of {', '.join(ROLES)}")
+        raise InvalidData(f"invalid role {shown(value)}: must be one of {', '.join(ROLES)}")
     return value
 
 
@@ -62,13 +74,13 @@ def text(name: str, value: str, *, max_length: int = 1000, allow_empty: bool = F
 
 def head_name(value: str) -> str:
     if not isinstance(value, str) or not _HEAD_NAME.match(value):
-        raise InvalidData(f"invalid head name {value!r}: 1-64 letters, digits or . _ -")
+        raise InvalidData(f"invalid head name {shown(value)}: 1-64 letters, digits or . _ -")
     return value
 
 
 def head_names(values: Sequence[str]) -> list[str]:
     if isinstance(values, str):
-        raise InvalidData(f"allowed heads must be a list of head names, not the string {values!r}")
+        raise InvalidData(f"allowed heads must be a list of head names, not the string {shown(values)}")
     names = [head_name(v) for v in values]
     if len(set(names)) != len(names):
         raise InvalidData(f"allowed heads list a head twice: {names}")
@@ -77,7 +89,7 @@ def head_names(values: Sequence[str]) -> list[str]:
 
 def choice(name: str, value: str, allowed: Sequence[str]) -> str:
     if value not in allowed:
-        raise InvalidData(f"invalid {name} {value!r}: must be one of {', '.join(allowed)}")
+        raise InvalidData(f"invalid {name} {shown(value)}: must be one of {', '.join(allowed)}")
     return value
 
 
@@ -106,7 +118,7 @@ def alert_id(value: str) -> str:
     try:
         uuid.UUID(hex=value)
     except (ValueError, TypeError, AttributeError):
-        raise InvalidData(f"invalid alert id {value!r}: must be a UUID (uuid4().hex)") from None
+        raise InvalidData(f"invalid alert id {shown(value)}: must be a UUID (uuid4().hex)") from None
     return value
 
 
@@ -124,13 +136,13 @@ def scores(value: dict[str, float]) -> str:
         raise InvalidData(f"scores must be a dict of head name to score, got {type(value).__name__}")
     for key, score in value.items():
         if not isinstance(key, str) or not isinstance(score, (int, float)) or not math.isfinite(score):
-            raise InvalidData(f"invalid score {key!r}: {score!r} (must be a finite number)")
+            raise InvalidData(f"invalid score {shown(key)}: {shown(score)} (must be a finite number)")
     return to_json("scores", {k: float(v) for k, v in value.items()})
 
 
 def threshold(value: float) -> float:
     if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise InvalidData(f"invalid threshold {value!r}: must be a number in 0..1")
+        raise InvalidData(f"invalid threshold {shown(value)}: must be a number in 0..1")
     return float(value)
 
 

@@ -13,6 +13,7 @@ from aiohttp import web
 from proctor.appkeys import CLASSIFIER_KEY, METRICS_KEY, STORE_KEY
 from proctor.passwords import hash_password, run_hashing, verify_password
 from proctor.storage.base import Conflict, Exam, InvalidData, NotFound, Store, StoreUnavailable, User
+from proctor.storage.validate import MAX_USERNAME
 from proctor.web import services as sv
 from proctor.web.auth import (WEB_STATE_KEY, client_address, csrf_token, end_session, require_user,
                               start_session)
@@ -147,7 +148,10 @@ async def check_login(request: web.Request, username: str, password: str) -> Use
         limiter.end(username, address, outcome)
     store = _store(request)
     if user is None or not ok:
-        await store.audit(user.id if user else None, "login.failed", f"user:{username}", {"address": address})
+        detail: dict[str, Any] = {"address": address}
+        if len(username) > MAX_USERNAME:  # no account has such a name; the audit target has room for one
+            detail["username_length"] = len(username)
+        await store.audit(user.id if user else None, "login.failed", f"user:{username[:MAX_USERNAME]}", detail)
         raise sv.WebError(401, "wrong username or password")
     if not user.active:
         await store.audit(user.id, "login.refused", f"user:{user.id}", {"reason": "deactivated"})

@@ -27,6 +27,7 @@ from proctor.appkeys import CONFIG_KEY, STORE_KEY
 from proctor.config import ConfigError
 from proctor.server import secrets_match
 from proctor.storage.base import NotFound, StoreError, User
+from proctor.storage.validate import MAX_USERNAME
 from proctor.web.services import TOO_LARGE_UPLOAD
 
 logger = logging.getLogger(__name__)
@@ -244,7 +245,9 @@ _PENDING_WAIT_S = 5.0
 
 
 def _account_key(username: str) -> str:
-    return "u:" + username.lower()
+    # No account's name is longer than MAX_USERNAME: longer ones share the key of their first characters, which
+    # locks out nobody real, and a spray of megabyte names cannot fill the limiter's memory.
+    return "u:" + username[:MAX_USERNAME + 1].lower()
 
 
 def _address_key(address: str) -> str:
