@@ -60,6 +60,7 @@ CLOSE_EXAM_ENDED = 4000
 CLOSE_REPLACED_BY_NEW_CONNECTION = 4001
 CLOSE_ACCOUNT_DEACTIVATED = 4003
 CLOSE_PASSWORD_RESET = 4004       # the account's password was reset: log in again
+CLOSE_LOGGED_OUT = 4005           # the account logged out (here or on another device): log in again
 
 
 class ProtocolError(ValueError):

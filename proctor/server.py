@@ -30,7 +30,8 @@ from proctor.batching.batcher import DynamicBatcher
 from proctor.config import MAX_REQUEST_BYTES, Config
 from proctor.metrics import Metrics
 from proctor.models.interface import Classifier
-from proctor.sessions import Hub, Outbox, StreamContext, StreamSession, alert_message, alert_thumbnail
+from proctor.sessions import (OUTBOX_LIMIT, Hub, Outbox, StreamContext, StreamSession, alert_message,
+                              alert_thumbnail, close_ws)
 from proctor.storage.base import InvalidData, NotFound, StoreError, StoreUnavailable, User
 from proctor.storage.writer import WriteBehind, WriteQueueClosed, WriteQueueFull
 from proctor.training_jobs import training_ctx
@@ -51,6 +52,8 @@ BATCHER_KEY = web.AppKey("batcher", DynamicBatcher)
 STREAM_CTX_KEY = web.AppKey("stream_context", StreamContext)
 READY_KEY = web.AppKey("ready", dict)
 HEADS_LOCK_KEY = web.AppKey("heads_lock", asyncio.Lock)
+# How often a node checks the database for exams ended and sessions ended whose notice it may have missed.
+RESYNC_S = 30.0
 
 
 def create_app(config: Config, *, store: Any = None, classifier: Classifier | None = None,
@@ -293,10 +296,14 @@ async def _housekeeping(hub: Hub, classifier: Classifier, metrics: Metrics) -> N
     device_memory = getattr(classifier, "device_memory_bytes", None)
     while True:
         await asyncio.sleep(1.0)
-        hub.mark_stale(loop.time())
-        used = device_memory() if device_memory is not None else None
-        if used is not None:
-            metrics.gpu_memory_bytes.set(used)
+        try:
+            hub.mark_stale(loop.time())
+            used = device_memory() if device_memory is not None else None
+            if used is not None:
+                metrics.gpu_memory_bytes.set(used)
+        except Exception:
+            # One bad tick (a CUDA error reading the memory, say) must not end stale detection for good.
+            logger.exception("housekeeping failed")
 
 
 async def _notifications_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -319,6 +326,8 @@ async def _notifications_ctx(app: web.Application) -> AsyncIterator[None]:
                 # Its session cookies stopped working with the old password; its open sockets end too.
                 await hub.close_user(int(payload["id"]), protocol.CLOSE_PASSWORD_RESET,
                                      "your password was reset: log in again")
+            elif channel == "user" and payload.get("logged_out"):
+                await hub.close_user(int(payload["id"]), protocol.CLOSE_LOGGED_OUT, "you logged out: log in again")
             elif payload.get("node") == hub.node_id:
                 return  # our own alert/presence: already fanned out locally
             elif channel == "alert":
@@ -335,10 +344,36 @@ async def _notifications_ctx(app: web.Application) -> AsyncIterator[None]:
             logger.exception("handling %s notification %r failed", channel, payload)
 
     await store.subscribe(on_notification)
+    resync = asyncio.create_task(_resync_forever(app), name="resync")
     try:
         yield
     finally:
+        resync.cancel()
+        await asyncio.gather(resync, return_exceptions=True)
         await store.unsubscribe(on_notification)
+
+
+async def _resync_forever(app: web.Application) -> None:
+    """Every RESYNC_S, act on what the database says about this node's sockets.
+
+    A notice can be lost: a publish that failed after its change was committed, a LISTEN connection that
+    was down, a node that missed SQLite's notification table. Without this, students could go on sharing
+    their screen into an exam that ended, or a logged-out account keep its sockets, until they reconnect.
+    """
+    loop = asyncio.get_running_loop()
+    last = loop.time()
+    while True:
+        await asyncio.sleep(1.0)
+        if loop.time() - last < RESYNC_S:
+            continue
+        last = loop.time()
+        for channel in ("exam", "user"):
+            try:
+                await _resync(app, channel)
+            except StoreError as exc:
+                logger.warning("periodic %s resync skipped: %s", channel, exc)
+            except Exception:
+                logger.exception("periodic %s resync failed", channel)
 
 
 async def _resync(app: web.Application, channel: str) -> None:
@@ -351,8 +386,11 @@ async def _resync(app: web.Application, channel: str) -> None:
                 await hub.end_exam(exam_id, protocol.CLOSE_EXAM_ENDED, "the exam has ended")
     else:
         for user_id in hub.users_with_sockets():
-            if not (await store.get_user(user_id)).active:
+            user = await store.get_user(user_id)
+            if not user.active:
                 await hub.close_user(user_id, protocol.CLOSE_ACCOUNT_DEACTIVATED, "your account was deactivated")
+            else:
+                await hub.close_ended_sessions(user)
 
 
 async def _relay_alert(app: web.Application, payload: dict[str, Any]) -> None:
@@ -407,11 +445,11 @@ async def stream_handler(request: web.Request) -> web.StreamResponse:
     await ws.prepare(request)
     session = StreamSession(request.app[STREAM_CTX_KEY], exam, user, ws)
     try:
-        with request.app[HUB_KEY].user_socket(user.id, ws):
+        with request.app[HUB_KEY].user_socket(user, ws):
             await session.run()
     except Exception:
         logger.exception("stream of %s in exam %d failed", user.username, exam.id)
-        await ws.close(code=protocol.CLOSE_INTERNAL, message=b"internal error")
+        await close_ws(ws, protocol.CLOSE_INTERNAL, "internal error")
     return ws
 
 
@@ -425,23 +463,27 @@ async def live_handler(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(heartbeat=30.0)
     await ws.prepare(request)
     hub = request.app[HUB_KEY]
-    outbox = Outbox(ws, request.app[METRICS_KEY])
+    outbox: Outbox | None = None
     try:
         roster = await store.list_roster(exam.id)
+        # A whole hall's presence can change in one tick (its network drops and every stream goes stale at
+        # once): the queue holds a few messages per student before the teacher counts as too slow to read.
+        outbox = Outbox(ws, request.app[METRICS_KEY], limit=OUTBOX_LIMIT + 4 * len(roster))
         outbox.send(hub.add_teacher(exam.id, roster=roster, outbox=outbox))
-        with hub.user_socket(user.id, ws):
+        with hub.user_socket(user, ws):
             async for _ in ws:
                 pass  # teachers only listen; incoming messages are ignored
     except StoreError:
         logger.exception("live view of exam %d failed", exam.id)
-        await ws.close(code=protocol.CLOSE_INTERNAL, message=b"database unavailable")
+        await close_ws(ws, protocol.CLOSE_INTERNAL, "database unavailable")
     except Exception:
         # After the handshake a raised error would only drop the connection: close it with a code instead.
         logger.exception("live view of exam %d failed", exam.id)
-        await ws.close(code=protocol.CLOSE_INTERNAL, message=b"internal error")
+        await close_ws(ws, protocol.CLOSE_INTERNAL, "internal error")
     finally:
-        hub.remove_teacher(exam.id, outbox)
-        await outbox.close()
+        if outbox is not None:
+            hub.remove_teacher(exam.id, outbox)
+            await outbox.close()
     return ws
 
 

@@ -53,8 +53,9 @@ def cheap_to_decode(jpeg: bytes, width: int, height: int) -> bool:
 # Abuse rule: this many bad messages within the window closes the socket (1008).
 _STRIKE_LIMIT = 20
 _STRIKE_WINDOW_S = 10.0
-# Messages waiting to be written to one socket; past this the client is too slow and is closed.
-_OUTBOX_LIMIT = 256
+# Messages waiting to be written to one socket; past this the client is too slow and is closed. A teacher's
+# live view has room for a few more per student on the roster (server.live_handler).
+OUTBOX_LIMIT = 256
 HEARTBEAT_S = 5.0
 # Control messages (heartbeat, hello, sharing): clients send one per HEARTBEAT_S plus a few at the start.
 # Each may queue a store write, and the write-behind queue is shared by every student's alerts.
@@ -71,7 +72,22 @@ EVIDENCE_WAIT_S = 15.0
 # one program's window can be as close as 1.7: no threshold tells those apart.
 EVIDENCE_MATCH = 4.0
 
+# How long closing a socket waits for the client to take the close. One that stopped reading (or has gone)
+# would otherwise hold the close, and with it its session's cleanup, for good (aiohttp drains without a limit).
+CLOSE_WAIT_S = 5.0
+
 PresenceState = str  # "live" | "stale" | "disconnected" | "not_sharing"
+
+
+async def close_ws(ws: web.WebSocketResponse, code: int, reason: str) -> None:
+    """Close `ws` with `code`; a client that does not take it within CLOSE_WAIT_S has its connection closed."""
+    if ws.closed:
+        return
+    try:
+        # Cancelled by the timeout, aiohttp's close() closes the transport itself.
+        await asyncio.wait_for(ws.close(code=code, message=reason.encode()), CLOSE_WAIT_S)
+    except asyncio.TimeoutError:
+        logger.warning("a client did not take close code %d within %g s: connection dropped", code, CLOSE_WAIT_S)
 
 
 class Outbox:
@@ -81,7 +97,7 @@ class Outbox:
     the socket is closed instead of letting memory grow.
     """
 
-    def __init__(self, ws: web.WebSocketResponse, metrics: Metrics, limit: int = _OUTBOX_LIMIT) -> None:
+    def __init__(self, ws: web.WebSocketResponse, metrics: Metrics, limit: int = OUTBOX_LIMIT) -> None:
         self._ws = ws
         self._metrics = metrics
         self._queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=limit)
@@ -99,8 +115,8 @@ class Outbox:
             self.overflowed = True
             logger.warning("client too slow: %d messages unread, closing its socket", self._queue.qsize())
             self._metrics.websocket_errors.labels("slow_client").inc()
-            self._close_task = asyncio.create_task(
-                self._ws.close(code=protocol.CLOSE_POLICY, message=b"client too slow"), name="outbox-close")
+            self._close_task = asyncio.create_task(close_ws(self._ws, protocol.CLOSE_POLICY, "client too slow"),
+                                                   name="outbox-close")
 
     async def _run(self) -> None:
         while True:
@@ -116,8 +132,7 @@ class Outbox:
 
     async def close_socket(self, code: int, reason: str) -> None:
         """Close the WebSocket itself (its handler then ends and calls close())."""
-        if not self._ws.closed:
-            await self._ws.close(code=code, message=reason.encode())
+        await close_ws(self._ws, code, reason)
 
     async def close(self) -> None:
         if not self._task.done():
@@ -170,15 +185,20 @@ class Hub:
         self._rooms: dict[int, _ExamRoom] = collections.defaultdict(_ExamRoom)
         # Cross-node fan-out: store.publish(channel, payload) when several nodes share PostgreSQL.
         self._publish = publish
-        # Every open WebSocket of each user on this node (streams, live views, sample recordings), so an
-        # account that is deactivated or has its password reset loses all of them at once.
-        self._user_sockets: dict[int, set[web.WebSocketResponse]] = collections.defaultdict(set)
+        # Every open WebSocket of each user on this node (streams, live views, sample recordings), with the
+        # account as it was when the socket opened, so an account that is deactivated, has its password reset
+        # or logs out loses all of them at once.
+        self._user_sockets: dict[int, dict[web.WebSocketResponse, User]] = collections.defaultdict(dict)
         # Exams that ended, newest last (bounded): presence notices other nodes send after the end must
         # not bring a forgotten exam's room back, where nothing would ever forget it again.
         self._ended: dict[int, None] = {}
 
     def room(self, exam_id: int) -> _ExamRoom:
         return self._rooms[exam_id]
+
+    def has_ended(self, exam_id: int) -> bool:
+        """Whether this node has heard that the exam ended (the newest _ENDED_REMEMBERED exams)."""
+        return exam_id in self._ended
 
     def _update_gauges(self) -> None:
         streams = sum(len(r.streams) for r in self._rooms.values())
@@ -284,17 +304,17 @@ class Hub:
         await asyncio.gather(*(session.close(code, reason) for session in self.streams(exam_id)))
 
     @contextlib.contextmanager
-    def user_socket(self, user_id: int, ws: web.WebSocketResponse) -> Iterator[None]:
+    def user_socket(self, user: User, ws: web.WebSocketResponse) -> Iterator[None]:
         """Count `ws` among the user's open sockets while the block runs (see `close_user`)."""
-        self._user_sockets[user_id].add(ws)
+        self._user_sockets[user.id][ws] = user
         try:
             yield
         finally:
-            sockets = self._user_sockets.get(user_id)
+            sockets = self._user_sockets.get(user.id)
             if sockets is not None:
-                sockets.discard(ws)
+                sockets.pop(ws, None)
                 if not sockets:
-                    del self._user_sockets[user_id]
+                    del self._user_sockets[user.id]
 
     def users_with_sockets(self) -> list[int]:
         return list(self._user_sockets)
@@ -307,7 +327,17 @@ class Hub:
     async def close_user(self, user_id: int, code: int, reason: str) -> None:
         """Close every open socket of one user on this node: streams in every exam, live views, recordings."""
         sockets = list(self._user_sockets.get(user_id, ()))
-        await asyncio.gather(*(ws.close(code=code, message=reason.encode()) for ws in sockets if not ws.closed))
+        await asyncio.gather(*(close_ws(ws, code, reason) for ws in sockets))
+
+    async def close_ended_sessions(self, user: User) -> None:
+        """Close `user`'s sockets opened before a password reset or a logout: for when that notice was lost."""
+        closing = []
+        for ws, opened_as in list(self._user_sockets.get(user.id, {}).items()):
+            if opened_as.password_hash != user.password_hash:
+                closing.append(close_ws(ws, protocol.CLOSE_PASSWORD_RESET, "your password was reset: log in again"))
+            elif opened_as.session_epoch != user.session_epoch:
+                closing.append(close_ws(ws, protocol.CLOSE_LOGGED_OUT, "you logged out: log in again"))
+        await asyncio.gather(*closing)
 
     async def end_exam(self, exam_id: int, code: int, reason: str) -> None:
         """The exam has ended: close its streams; its room is forgotten once its last socket has gone."""
@@ -428,6 +458,8 @@ class StreamSession:
         # The frame being classified now, so a same-screen frame can wait for its verdict.
         self._inflight: _InFlight | None = None
         self._alert_id: str | None = None
+        # Done once the open alert's live message went out to the teachers (see _close_alert).
+        self._alert_announced: asyncio.Future | None = None
         self._evidence_wanted: _EvidenceWanted | None = None
         # Frames are numbered on arrival; with decode threads, thumbnails finish out of order, and
         # an older frame must never replace a newer one in the batcher.
@@ -438,9 +470,16 @@ class StreamSession:
 
     async def run(self) -> None:
         ctx = self.ctx
+        if ctx.hub.has_ended(self.exam.id):
+            # It ended while this socket was being opened, after the handler had read it as running.
+            await self.close(protocol.CLOSE_EXAM_ENDED, "the exam has ended")
+            await self._outbox.close()
+            return
         previous = ctx.hub.attach_stream(self.exam.id, self)
         if previous is not None:
-            await previous.close(protocol.CLOSE_REPLACED_BY_NEW_CONNECTION, "replaced by a newer connection")
+            # Not awaited: the old socket is often dead (the student's network changed), and waiting for its
+            # close would hold this one's config, so its frames, for seconds.
+            self._spawn(previous.close(protocol.CLOSE_REPLACED_BY_NEW_CONNECTION, "replaced by a newer connection"))
         self._event("connect")
         ctx.hub.set_presence(self.exam.id, self.user, "live")
         self._outbox.send({"type": "config", "fps": ctx.config.client_fps,
@@ -480,8 +519,7 @@ class StreamSession:
         self._event("disconnect", {"close_code": self.ws.close_code})
 
     async def close(self, code: int, reason: str) -> None:
-        if not self.ws.closed:
-            await self.ws.close(code=code, message=reason.encode())
+        await close_ws(self.ws, code, reason)
 
     def _seen(self) -> None:
         self._last_seen = self._loop.time()
@@ -728,8 +766,13 @@ class StreamSession:
                                                     frame_thumb)
             self._outbox.send({"type": "evidence_request", "seq": seq})
             ctx.metrics.evidence_copies.labels("requested").inc()
-        thumb = await alert_thumbnail(alert.evidence, ctx.decode_executor, pixels)
-        ctx.hub.alert_opened(self.exam.id, self.user, alert_message(alert, self.user, thumb))
+        announced = self._loop.create_future()
+        self._alert_announced = announced
+        try:
+            thumb = await alert_thumbnail(alert.evidence, ctx.decode_executor, pixels)
+            ctx.hub.alert_opened(self.exam.id, self.user, alert_message(alert, self.user, thumb))
+        finally:
+            announced.set_result(None)
 
     def _on_evidence(self, seq: int, jpeg: bytes) -> None:
         """A full-size copy of an alert's frame, asked for by evidence_request: it becomes the alert's evidence."""
@@ -790,7 +833,14 @@ class StreamSession:
                                                  "student_id": student_id, "closed_at": closed_at.isoformat()})
 
         self.ctx.write(write_close, f"close of alert {alert_id}")
-        self.ctx.hub.alert_closed(exam_id, student_id, alert_id, closed_at.isoformat())
+        announced = self._alert_announced
+        if announced is not None and not announced.done():
+            # Frames classified meanwhile closed it while its opening waits for its thumbnail: teachers
+            # hear of the close after the opening, or their dashboards would show it open for good.
+            announced.add_done_callback(
+                lambda _: self.ctx.hub.alert_closed(exam_id, student_id, alert_id, closed_at.isoformat()))
+        else:
+            self.ctx.hub.alert_closed(exam_id, student_id, alert_id, closed_at.isoformat())
 
     # errors ------------------------------------------------------------------------------------
 

@@ -765,6 +765,44 @@ async def test_alert_thumbnail_comes_from_the_decoded_frame(server, hall, classi
     await teacher.close()
 
 
+async def test_an_alert_closed_while_its_thumbnail_is_made_reaches_teachers_after_its_opening(server, hall,
+                                                                                              monkeypatch):
+    release = asyncio.Event()
+    alert_thumbnail = sessions.alert_thumbnail
+
+    async def slow_thumbnail(*args):
+        await release.wait()
+        return await alert_thumbnail(*args)
+
+    monkeypatch.setattr(sessions, "alert_thumbnail", slow_thumbnail)
+    client = await server()
+    teacher = await client.ws_connect(f"/ws/exams/{hall['exam'].id}/live",
+                                      headers=ws_headers(client, hall["teacher"]))
+    assert (await teacher.receive_json(timeout=5))["type"] == "snapshot"
+    bob = await connect_student(client, hall["b"], hall["exam"])
+
+    def half_dark(colour):  # another screen of the same colour: not "unchanged"
+        pixels = simplejpeg.decode_jpeg(screen(colour), colorspace="RGB").copy()
+        pixels[:, :640] //= 2
+        return simplejpeg.encode_jpeg(pixels, quality=70, colorspace="RGB")
+
+    await send_frame(bob, 0, screen("red"))
+    assert (await answer_for(bob, 0))["status"] == "suspicious"
+    await send_frame(bob, 1, half_dark("red"))  # opens the alert; its thumbnail is held up
+    await asyncio.sleep(0.3)
+    for seq, frame in ((2, screen("green")), (3, half_dark("green"))):  # two allowed screens close it
+        await send_frame(bob, seq, frame)
+        assert (await answer_for(bob, seq))["type"] == "verdict"
+    release.set()
+    kinds = []
+    while "alert_closed" not in kinds:
+        kinds.append((await teacher.receive_json(timeout=5))["type"])
+    # Before: the close went out first, the dashboard ignored it, and then showed the alert open for good.
+    assert "alert" in kinds and kinds.index("alert") < kinds.index("alert_closed")
+    await bob.close()
+    await teacher.close()
+
+
 async def test_alert_thumbnail_of_evidence_that_does_not_decode_is_empty():
     from proctor.sessions import alert_thumbnail
 
@@ -856,6 +894,61 @@ async def test_outbox_of_a_client_that_stops_reading_closes_its_socket():
     await outbox.close()
     assert ws.close_args == (protocol.CLOSE_POLICY, b"client too slow")
     assert metrics.websocket_errors.labels("slow_client")._value.get() == 1
+
+
+async def test_a_client_that_never_takes_the_close_does_not_hold_its_session_for_good(monkeypatch):
+    from proctor.metrics import Metrics
+    from proctor.sessions import Outbox
+
+    class DeadSocket:
+        closed = False
+
+        async def send_json(self, message):
+            await asyncio.Event().wait()  # the client never reads...
+
+        async def close(self, code, message):
+            await asyncio.Event().wait()  # ...so aiohttp's close waits for the drain without end
+
+    monkeypatch.setattr(sessions, "CLOSE_WAIT_S", 0.05)
+    outbox = Outbox(DeadSocket(), Metrics(), limit=1)
+    for i in range(3):
+        outbox.send({"type": "verdict", "seq": i})
+        await asyncio.sleep(0)
+    assert outbox.overflowed
+    # Before: close() awaited the socket's close for ever, so the session was never detached from its exam.
+    await asyncio.wait_for(outbox.close(), 5)
+
+
+async def test_a_stream_opened_as_its_exam_ends_is_closed_and_brings_no_room_back(server, hall):
+    from proctor.appkeys import HUB_KEY
+
+    client = await server()
+    hub = client.server.app[HUB_KEY]
+    # This node heard of the end while the handshake (which read the exam as running) was under way.
+    await hub.end_exam(hall["exam"].id, protocol.CLOSE_EXAM_ENDED, "the exam has ended")
+    ws = await client.ws_connect(f"/ws/exams/{hall['exam'].id}/stream", headers=ws_headers(client, hall["a"]))
+    assert await close_code_of(ws, timeout=5) == protocol.CLOSE_EXAM_ENDED
+    assert hall["exam"].id not in hub._rooms
+
+
+async def test_a_whole_hall_going_stale_at_once_does_not_close_the_teachers_live_view(server, hall, store):
+    from proctor.appkeys import HUB_KEY
+
+    client = await server()
+    hub = client.server.app[HUB_KEY]
+    exam = hall["exam"]
+    students = [await store.create_user(f"s{i:03d}", f"Student {i}", "student", PASSWORD_HASH) for i in range(400)]
+    for student in students:
+        await store.add_to_roster(exam.id, student.id)
+    teacher = await client.ws_connect(f"/ws/exams/{exam.id}/live", headers=ws_headers(client, hall["teacher"]))
+    assert (await teacher.receive_json(timeout=5))["type"] == "snapshot"
+    # One housekeeping tick after the hall's network dropped: every student's presence changes at once.
+    for student in students:
+        hub.set_presence(exam.id, student, "stale")
+    seen = [await next_of(teacher, "presence") for _ in students]
+    assert {m["student_id"] for m in seen} == {s.id for s in students}
+    assert not teacher.closed
+    await teacher.close()
 
 
 async def test_shutdown_closes_streams_and_live_views_with_going_away_at_once(server, hall):

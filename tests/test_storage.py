@@ -106,6 +106,20 @@ async def test_user_deactivation_and_password_change(store):
         await store.set_user_active(999, False)
 
 
+async def test_logout_and_deactivation_move_the_session_epoch_on(store):
+    user = await store.create_user("erin", "", "student", HASH)
+    assert user.session_epoch == 0
+    await store.end_sessions(user.id)
+    assert (await store.get_user(user.id)).session_epoch == 1
+    await store.set_user_active(user.id, True)  # activating ends nothing
+    assert (await store.get_user(user.id)).session_epoch == 1
+    await store.set_user_active(user.id, False)
+    assert (await store.get_user(user.id)).session_epoch == 2
+    assert [u.session_epoch for u in await store.list_users("student")] == [2]
+    with pytest.raises(NotFound, match="no user with id 999"):
+        await store.end_sessions(999)
+
+
 @pytest.mark.parametrize("username, role, password_hash, message", [
     ("", "student", HASH, "invalid username"),
     ("has space", "student", HASH, "invalid username"),

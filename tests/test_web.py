@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import datetime as dt
+import hashlib
+import hmac
 import io
 import json
 import time
@@ -22,7 +25,7 @@ from proctor.appkeys import CLASSIFIER_KEY, CONFIG_KEY, METRICS_KEY, STORE_KEY
 from proctor.config import Config, ConfigError
 from proctor.metrics import Metrics
 from proctor.passwords import hash_password
-from proctor.storage.base import Alert, SessionEvent, StoreUnavailable
+from proctor.storage.base import Alert, SessionEvent, StoreUnavailable, User
 from proctor.storage.sqlite import SqliteStore
 from proctor.web import auth
 from proctor.web import services as sv
@@ -344,6 +347,33 @@ async def test_logout_clears_cookie(client):
     resp = await post(client, "/api/logout", token)
     assert resp.status == 200
     assert (await client.get("/api/me")).status == 401
+
+
+async def test_a_copy_of_the_cookie_stops_working_at_logout_and_a_new_login_works(client):
+    token = await login(client, "teach-a")
+    copied = {c.key: c.value for c in client.session.cookie_jar}
+    assert (await post(client, "/api/logout", token)).status == 200
+    assert (await client.get("/api/me", cookies=copied)).status == 401
+    await login(client, "teach-a")
+    assert (await client.get("/api/me")).status == 200
+
+
+async def test_reactivating_an_account_does_not_revive_its_old_cookies(client, world):
+    await login(client, "stud-a")
+    copied = {c.key: c.value for c in client.session.cookie_jar}
+    await world.store.set_user_active(world.student_a.id, False)
+    await world.store.set_user_active(world.student_a.id, True)
+    client.session.cookie_jar.clear()
+    assert (await client.get("/api/me", cookies=copied)).status == 401
+
+
+def test_an_account_that_never_logged_out_keeps_the_cookies_signed_before_the_session_epoch():
+    # Upgrading to the epoch must not log out a hall mid-exam: epoch 0 signs what the old fingerprint signed.
+    codec = auth.SessionCodec(b"k" * 32)
+    user = User(1, "u", "", "student", True, "$argon2id$v=19$m=65536,t=3,p=4$abc$def", None)
+    old = hmac.new(b"k" * 32, b"pw:" + user.password_hash.encode(), hashlib.sha256).hexdigest()[:16]
+    assert codec.session_fingerprint(user) == old
+    assert codec.session_fingerprint(dataclasses.replace(user, session_epoch=1)) != old
 
 
 # --------------------------------------------------------------------------------------------- CSRF

@@ -328,18 +328,24 @@ async def test_student_who_shares_before_the_start_is_streaming_once_it_starts(d
         await _until(page, "() => window.proctorStreamer.stats.framesSent >= 1")
 
 
-async def test_a_password_reset_stops_the_students_page_with_a_reason_instead_of_reconnecting(display, server):
+@pytest.mark.parametrize("ended_by, reason", [("password reset", "password was reset"),
+                                               ("logout elsewhere", "You logged out")])
+async def test_an_ended_login_stops_the_students_page_with_a_reason_instead_of_reconnecting(display, server,
+                                                                                            ended_by, reason):
     async with _student_page(display, server, "Reset", "RESET234", running=True) as (page, _):
         await page.check("#consent-check")
         await page.click("#share")
         await page.wait_for_selector("#status[data-state=sharing]", timeout=20_000)
         store = server["store"]
         student = await store.get_user_by_name("student1")
-        await store.set_password(student.id, hash_password("a-brand-new-passphrase"))
-        # Close code 4004: the page says why and stops; reconnecting would only be refused (the cookie's
-        # password fingerprint is out of date).
+        if ended_by == "password reset":
+            await store.set_password(student.id, hash_password("a-brand-new-passphrase"))
+        else:
+            await store.end_sessions(student.id)  # what logging out on another computer does
+        # Close code 4004 or 4005: the page says why and stops; reconnecting would only be refused (the
+        # cookie's fingerprint is out of date).
         await page.wait_for_selector("#status[data-state=error]", timeout=15_000)
-        assert "password was reset" in await page.inner_text("#status-detail")
+        assert reason in await page.inner_text("#status-detail")
         assert await page.evaluate("window.proctorStreamer.stats.reconnects") == 0
 
 

@@ -16,6 +16,7 @@ from aiohttp import web
 from fakes import FakeClassifier
 from proctor.config import MAX_REQUEST_BYTES, Config
 from proctor.passwords import hash_password
+from proctor.storage.base import StoreUnavailable
 from proctor.server import create_app
 from proctor.web.services import parse_head_file
 from test_web import head_file
@@ -126,6 +127,43 @@ async def test_ending_the_exam_closes_student_streams(client, hall):
     await ws.close()
 
 
+async def test_an_exam_ends_for_the_students_even_when_its_audit_entry_cannot_be_written(client, hall, store,
+                                                                                        monkeypatch):
+    await login(client, "stud-in")
+    ws = await client.ws_connect(f"/ws/exams/{hall.id}/stream", headers={"Origin": origin(client)})
+    assert (await ws.receive_json(timeout=5))["type"] == "config"
+    audit = store.audit
+
+    async def audit_down(actor_id, action, target, detail=None):
+        if action == "exam.ended":
+            raise StoreUnavailable("database is locked")
+        return await audit(actor_id, action, target, detail)
+
+    monkeypatch.setattr(store, "audit", audit_down)
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as teacher:
+        resp = await teacher.post(origin(client) + "/api/login", json={"username": "teach-a", "password": PASSWORD})
+        token = (await resp.json())["csrf_token"]
+        resp = await teacher.post(origin(client) + f"/api/exams/{hall.id}/end", headers={"X-CSRF-Token": token})
+        assert resp.status == 503  # the teacher hears that something failed...
+        assert await close_code(ws) == 4000  # ...but the exam has ended, and the screens stop being shared
+        # Ending it again (the teacher's retry) is not a conflict: it says so once more.
+        resp = await teacher.post(origin(client) + f"/api/exams/{hall.id}/end", headers={"X-CSRF-Token": token})
+        assert resp.status == 200 and (await resp.json())["exam"]["state"] == "ended"
+    await ws.close()
+
+
+@pytest.mark.parametrize("lost", ["exam ended", "logged out"])
+async def test_a_lost_notice_is_made_good_by_the_periodic_resync(client, hall, store, monkeypatch, lost):
+    from proctor import server
+
+    ws, _, code = await stream_and_lose_a_notice(client, hall, store, monkeypatch, lost)
+    with pytest.raises(asyncio.TimeoutError):  # nothing closes it before the resync is due...
+        await ws.receive(timeout=1.2)
+    monkeypatch.setattr(server, "RESYNC_S", 0.0)
+    assert await close_code(ws) == code  # ...and the next one does, with no notice at all
+    await ws.close()
+
+
 async def close_code(ws):
     """The close code the server sends, skipping the messages before it."""
     msg = await ws.receive(timeout=5)
@@ -167,11 +205,37 @@ async def test_deactivation_or_password_reset_closes_the_accounts_open_sockets(c
     assert await ws_status(client, path, {"Origin": origin(client)}) in reconnect
 
 
-@pytest.mark.parametrize("lost", ["exam ended", "account deactivated"])
+async def test_logging_out_on_one_device_ends_the_sessions_and_sockets_of_the_others(client, hall):
+    await login(client, "stud-in")
+    path = f"/ws/exams/{hall.id}/stream"
+    ws = await client.ws_connect(path, headers={"Origin": origin(client)})
+    assert (await ws.receive_json(timeout=5))["type"] == "config"
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as laptop:
+        resp = await laptop.post(origin(client) + "/api/login", json={"username": "stud-in", "password": PASSWORD})
+        token = (await resp.json())["csrf_token"]
+        resp = await laptop.post(origin(client) + "/api/logout", headers={"X-CSRF-Token": token})
+        assert resp.status == 200, await resp.text()
+    assert await close_code(ws) == 4005
+    await ws.close()
+    # This device's cookie ended with the logout elsewhere: no reconnecting with it.
+    assert await ws_status(client, path, {"Origin": origin(client)}) == 401
+    assert (await client.get("/api/me")).status == 401
+
+
+@pytest.mark.parametrize("lost", ["exam ended", "account deactivated", "password reset", "logged out"])
 async def test_after_lost_notifications_a_resync_closes_what_the_database_says_is_over(client, hall, store,
                                                                                        monkeypatch, lost):
     # PostgreSQL's LISTEN connection was down while another node ended the exam or deactivated the
     # account: the notification never came. On reconnecting, the store asks for a resync.
+    ws, channel, code = await stream_and_lose_a_notice(client, hall, store, monkeypatch, lost)
+    await store.publish(channel, {"resync": True, "node": None})
+    assert await close_code(ws) == code
+    await ws.close()
+
+
+async def stream_and_lose_a_notice(client, hall, store, monkeypatch, lost):
+    """A student streams; then the exam ends or the account's sessions end without the notice reaching the
+    node. Returns (the stream, the notice's channel, the close code the stream should get)."""
     await login(client, "stud-in")
     ws = await client.ws_connect(f"/ws/exams/{hall.id}/stream", headers={"Origin": origin(client)})
     assert (await ws.receive_json(timeout=5))["type"] == "config"
@@ -184,13 +248,17 @@ async def test_after_lost_notifications_a_resync_closes_what_the_database_says_i
     if lost == "exam ended":
         await store.set_exam_state(hall.id, "ended")
         channel, code = "exam", 4000
-    else:
+    elif lost == "account deactivated":
         await store.set_user_active((await store.get_user_by_name("stud-in")).id, False)
         channel, code = "user", 4003
+    elif lost == "password reset":
+        await store.set_password((await store.get_user_by_name("stud-in")).id, hash_password("a-new-passphrase!"))
+        channel, code = "user", 4004
+    else:
+        await store.end_sessions((await store.get_user_by_name("stud-in")).id)
+        channel, code = "user", 4005
     monkeypatch.setattr(store, "publish", publish)
-    await store.publish(channel, {"resync": True, "node": None})
-    assert await close_code(ws) == code
-    await ws.close()
+    return ws, channel, code
 
 
 async def test_deactivating_a_student_from_the_command_line_closes_their_stream(client, hall, sqlite_url,

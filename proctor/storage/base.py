@@ -55,6 +55,8 @@ class User:
     active: bool
     password_hash: str
     created_at: dt.datetime
+    # Goes up when the account's sessions end (logout, deactivation): cookies carry a fingerprint of it.
+    session_epoch: int = 0
 
 
 @dataclass(frozen=True)
@@ -170,7 +172,10 @@ class Store(Protocol):
     async def get_user(self, user_id: int) -> User: ...
     async def get_user_by_name(self, username: str) -> User: ...
     async def list_users(self, role: str | None = None) -> list[User]: ...
-    async def set_user_active(self, user_id: int, active: bool) -> None: ...
+    async def set_user_active(self, user_id: int, active: bool) -> None:
+        """Deactivating also ends the account's sessions: reactivating it does not revive old cookies."""
+    async def end_sessions(self, user_id: int) -> None:
+        """Every session cookie of the account stops working, on every device and node (logout)."""
     async def set_password(self, user_id: int, password_hash: str) -> None: ...
 
     # exams

@@ -118,7 +118,7 @@ class SqlStore:
     def _user(self, r: Row) -> User:
         return User(id=r["id"], username=r["username"], full_name=r["full_name"], role=r["role"],
                     active=bool(r["active"]), password_hash=r["password_hash"],
-                    created_at=self._dt(r["created_at"]))
+                    created_at=self._dt(r["created_at"]), session_epoch=int(r["session_epoch"]))
 
     def _exam(self, r: Row) -> Exam:
         return Exam(id=r["id"], name=r["name"], owner_id=r["owner_id"],
@@ -185,12 +185,21 @@ class SqlStore:
 
     async def set_user_active(self, user_id: int, active: bool) -> None:
         async with self._connection() as c:
-            changed = await c.execute("UPDATE users SET active = ? WHERE id = ?", bool(active),
-                                      _int("user id", user_id))
+            changed = await c.execute("UPDATE users SET active = ?, session_epoch = session_epoch + ? WHERE id = ?",
+                                      bool(active), 0 if active else 1, _int("user id", user_id))
         if not changed:
             raise NotFound(f"no user with id {user_id}")
         # Running servers close a deactivated account's open streams (also when deactivated from the CLI).
         await self.publish("user", {"id": int(user_id), "active": bool(active)})
+
+    async def end_sessions(self, user_id: int) -> None:
+        async with self._connection() as c:
+            changed = await c.execute("UPDATE users SET session_epoch = session_epoch + 1 WHERE id = ?",
+                                      _int("user id", user_id))
+        if not changed:
+            raise NotFound(f"no user with id {user_id}")
+        # Running servers close the account's open sockets: they were opened by the sessions that ended.
+        await self.publish("user", {"id": int(user_id), "logged_out": True})
 
     async def set_password(self, user_id: int, password_hash: str) -> None:
         v.password_hash(password_hash)

@@ -15,7 +15,7 @@ from proctor.passwords import hash_password, run_hashing, verify_password
 from proctor.storage.base import Conflict, Exam, InvalidData, NotFound, Store, StoreUnavailable, User
 from proctor.storage.validate import MAX_USERNAME
 from proctor.web import services as sv
-from proctor.web.auth import (WEB_STATE_KEY, client_address, csrf_token, end_session, require_user,
+from proctor.web.auth import (WEB_STATE_KEY, client_address, csrf_token, log_out, require_user,
                               start_session)
 
 logger = logging.getLogger(__name__)
@@ -185,9 +185,8 @@ async def api_login(request: web.Request) -> web.Response:
 @routes.post("/api/logout")
 async def api_logout(request: web.Request) -> web.Response:
     user = await require_user(request)
-    await _store(request).audit(user.id, "logout", f"user:{user.id}", {})
     response = json_response({"ok": True})
-    end_session(response)
+    await log_out(request, response, user)
     return response
 
 

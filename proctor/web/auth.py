@@ -1,9 +1,10 @@
 """Sessions, CSRF tokens, Origin checks and login rate limits for the pages, the JSON API and WebSockets.
 
 A session is a signed cookie (HMAC-SHA256 with the server's secret key) carrying the user id, a CSRF
-token, an expiry and a fingerprint of the password hash. Nothing is kept on the server, so every node
-that shares the secret key accepts the others' cookies; the user is read from the store on each request,
-so a deactivated user or a changed password ends every session at once.
+token, an expiry and a fingerprint of the password hash and the account's session epoch. Nothing else is
+kept on the server, so every node that shares the secret key accepts the others' cookies; the user is read
+from the store on each request, so a deactivated user, a changed password or a logout (which moves the
+epoch on) ends every session of the account at once, on every device.
 """
 
 from __future__ import annotations
@@ -122,8 +123,11 @@ class SessionCodec:
     def __init__(self, key: bytes) -> None:
         self._key = key
 
-    def password_fingerprint(self, password_hash: str) -> str:
-        return hmac.new(self._key, b"pw:" + password_hash.encode(), hashlib.sha256).hexdigest()[:16]
+    def session_fingerprint(self, user: User) -> str:
+        """What a cookie must carry to stay valid: it changes with the password and when sessions end."""
+        # Epoch 0 signs the password hash alone, as before the epoch existed: an upgrade logs nobody out.
+        text = user.password_hash + (f"#{user.session_epoch}" if user.session_epoch else "")
+        return hmac.new(self._key, b"pw:" + text.encode(), hashlib.sha256).hexdigest()[:16]
 
     def encode(self, session: Session) -> str:
         payload = _b64(json.dumps({"u": session.user_id, "c": session.csrf, "e": int(session.expires),
@@ -299,7 +303,7 @@ async def current_user(request: web.Request) -> User | None:
             found = None
         codec = _state(request).codec
         if found is not None and found.active and hmac.compare_digest(
-                codec.password_fingerprint(found.password_hash), session.pw):
+                codec.session_fingerprint(found), session.pw):
             user = found
     request[_USER] = user
     return user
@@ -339,7 +343,7 @@ def start_session(request: web.Request, response: web.StreamResponse, user: User
     """Log `user` in: a fresh session (new CSRF token) in the cookie of `response`."""
     codec = _state(request).codec
     session = Session(user_id=user.id, csrf=secrets.token_urlsafe(24), expires=time.time() + SESSION_SECONDS,
-                      pw=codec.password_fingerprint(user.password_hash))
+                      pw=codec.session_fingerprint(user))
     request[_SESSION] = session
     request[_USER] = user
     request.pop(_NEW_COOKIE, None)
@@ -347,7 +351,16 @@ def start_session(request: web.Request, response: web.StreamResponse, user: User
     return session
 
 
-def end_session(response: web.StreamResponse) -> None:
+async def log_out(request: web.Request, response: web.StreamResponse, user: User | None) -> None:
+    """End every session of `user` (all devices and nodes; their open sockets close) and clear this cookie.
+
+    A copy of the cookie (a shared computer, a proxy log) must not outlive the logout: the cookie is signed,
+    not stored, so the account's session epoch moves on instead and no older cookie matches it any more.
+    """
+    if user is not None:
+        store = request.app[STORE_KEY]
+        await store.end_sessions(user.id)
+        await store.audit(user.id, "logout", f"user:{user.id}", {})
     response.del_cookie(COOKIE_NAME, path="/")
 
 

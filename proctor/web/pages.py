@@ -12,7 +12,7 @@ from proctor.appkeys import CLASSIFIER_KEY, CONFIG_KEY, STORE_KEY
 from proctor.storage.base import InvalidData, NotFound, Store, StoreError, StoreUnavailable, User
 from proctor.web import services as sv
 from proctor.web.api import check_login, path_id, read_upload
-from proctor.web.auth import csrf_token, current_user, end_session, require_user, start_session
+from proctor.web.auth import csrf_token, current_user, log_out, require_user, start_session
 
 logger = logging.getLogger(__name__)
 
@@ -114,11 +114,8 @@ async def login_submit(request: web.Request) -> web.Response:
 
 @routes.post("/logout")
 async def logout(request: web.Request) -> web.Response:
-    user = await current_user(request)
-    if user is not None:
-        await _store(request).audit(user.id, "logout", f"user:{user.id}", {})
     response = web.HTTPFound("/login")
-    end_session(response)
+    await log_out(request, response, await current_user(request))
     raise response
 
 

@@ -19,6 +19,7 @@ from proctor import protocol
 from proctor.appkeys import CONFIG_KEY, HUB_KEY, STORE_KEY
 from proctor.batching import decode
 from proctor.server import refuse, ws_user
+from proctor.sessions import close_ws
 from proctor.storage import validate
 from proctor.storage.base import Conflict, InvalidData, Store, StoreError, User
 from proctor.training_jobs import TRAINING_KEY, JobRefused
@@ -80,7 +81,7 @@ class _Recorder:
         if strike:
             self.strikes += 1
             if self.strikes >= _MAX_STRIKES:
-                await self.ws.close(code=protocol.CLOSE_POLICY, message=b"too many bad frames")
+                await close_ws(self.ws, protocol.CLOSE_POLICY, "too many bad frames")
 
     async def run(self) -> None:
         config = self.app[CONFIG_KEY]
@@ -181,7 +182,7 @@ def setup(app: web.Application) -> None:
 
 async def _close_recordings(app: web.Application) -> None:
     # aiohttp waits (60 s) for running handlers before cleanup; a recording ends only when its socket does.
-    await asyncio.gather(*(ws.close(code=protocol.CLOSE_GOING_AWAY, message=b"server shutting down")
+    await asyncio.gather(*(close_ws(ws, protocol.CLOSE_GOING_AWAY, "server shutting down")
                            for ws in list(app[_RECORDINGS])))
 
 
@@ -205,11 +206,11 @@ async def samples_socket(request: web.Request) -> web.StreamResponse:
     recordings = request.app[_RECORDINGS]
     recordings.add(ws)
     try:
-        with request.app[HUB_KEY].user_socket(user.id, ws):
+        with request.app[HUB_KEY].user_socket(user, ws):
             await recorder.run()
     except Exception:
         logger.exception("recording samples of %s by %s failed", label, user.username)
-        await ws.close(code=protocol.CLOSE_INTERNAL, message=b"internal error")
+        await close_ws(ws, protocol.CLOSE_INTERNAL, "internal error")
     finally:
         recordings.discard(ws)
         if recorder.stored:

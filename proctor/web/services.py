@@ -305,11 +305,17 @@ async def set_exam_state(store: Store, actor: User, exam_id: int, state: str) ->
     try:
         exam = await store.set_exam_state(exam_id, state)
     except InvalidData as exc:
+        current = await store.get_exam(exam_id)
+        if state == "ended" and current.state == "ended":
+            # Ending it again is how a teacher retries an end whose notice was lost: send it once more.
+            await store.publish("exam", {"id": exam_id, "state": state})
+            return current
         raise WebError(409, f"exam {exam_id} cannot go from {exam.state} to {state}: {exc}") from None
+    # Every node closes the ended exam's student streams (close code 4000) when it hears this: sent before
+    # the audit entry, so a failed audit write cannot leave screens shared into an exam that has ended.
+    await store.publish("exam", {"id": exam_id, "state": state})
     await store.audit(actor.id, "exam.started" if state == "running" else "exam.ended", f"exam:{exam_id}",
                       {"name": exam.name})
-    # Every node closes the ended exam's student streams (close code 4000) when it hears this.
-    await store.publish("exam", {"id": exam_id, "state": state})
     return exam
 
 

@@ -159,9 +159,10 @@ function connect() {
       liveStatus.className = "status ended";
       return;
     }
-    if (event.code === 4003 || event.code === 4004) {
-      // Account deactivated or password reset: reconnecting would only be refused.
-      liveStatus.textContent = event.code === 4003 ? "account deactivated" : "password reset: log in again";
+    const ended = { 4003: "account deactivated", 4004: "password reset: log in again", 4005: "logged out: log in again" };
+    if (ended[event.code]) {
+      // Account deactivated, password reset or logged out: reconnecting would only be refused.
+      liveStatus.textContent = ended[event.code];
       liveStatus.className = "status ended";
       return;
     }

@@ -14,6 +14,7 @@ const CLOSE_EXAM_ENDED = 4000;
 const CLOSE_REPLACED = 4001;
 const CLOSE_ACCOUNT_DEACTIVATED = 4003;
 const CLOSE_PASSWORD_RESET = 4004;
+const CLOSE_LOGGED_OUT = 4005;
 
 /** Refusal of a share that is not a whole screen; `message` explains it to the student. */
 export class NotWholeScreenError extends Error {
@@ -248,6 +249,13 @@ export class ScreenStreamer {
       this._closedForGood = true;
       this._teardownCapture();
       this._setState("error", "Your password was reset; this page stopped sharing. Log in again with the new password.");
+      return;
+    }
+    if (event.code === CLOSE_LOGGED_OUT) {
+      // The account logged out (in another tab or on another computer): this page's login ended with it.
+      this._closedForGood = true;
+      this._teardownCapture();
+      this._setState("error", "You logged out; this page stopped sharing. Log in again to go on.");
       return;
     }
     this._scheduleReconnect();
