@@ -249,12 +249,13 @@ async def _pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     store = app[STORE_KEY]
     writer = app[WRITER_KEY]
 
-    def write(op, what: str = "write") -> None:
-        # A full or closing queue is logged and counted by the writer; the frame path goes on.
+    def write(op, what: str = "write") -> bool:
+        """Queue a store write; False when the queue refused it (logged and counted by the writer)."""
         try:
             writer.submit(op, what)
         except (WriteQueueFull, WriteQueueClosed):
-            pass
+            return False  # the frame path goes on
+        return True
 
     # The store stamps every notification with its node id; the hub skips its own by that id.
     hub = Hub(metrics, node_id=store.node_id,
@@ -469,7 +470,7 @@ async def live_handler(request: web.Request) -> web.StreamResponse:
         # A whole hall's presence can change in one tick (its network drops and every stream goes stale at
         # once): the queue holds a few messages per student before the teacher counts as too slow to read.
         outbox = Outbox(ws, request.app[METRICS_KEY], limit=OUTBOX_LIMIT + 4 * len(roster))
-        outbox.send(hub.add_teacher(exam.id, roster=roster, outbox=outbox))
+        outbox.send(hub.add_teacher(exam.id, roster=roster, outbox=outbox, ended=exam.state == "ended"))
         with hub.user_socket(user, ws):
             async for _ in ws:
                 pass  # teachers only listen; incoming messages are ignored

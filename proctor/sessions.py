@@ -261,6 +261,8 @@ class Hub:
 
     def alert_opened(self, exam_id: int, user: User, alert_message: dict[str, Any]) -> None:
         """Fan a live alert out to this node's teachers (other nodes hear of it from the store)."""
+        if exam_id not in self._rooms:
+            return  # no stream or live view of that exam here (a relayed alert from another node)
         presence = self._presence(exam_id, user.id, user.username, user.full_name)
         presence.alerts += 1
         presence.last_alert = {k: alert_message[k] for k in ("id", "opened_at", "verdict", "program")}
@@ -272,10 +274,14 @@ class Hub:
 
     # teachers ------------------------------------------------------------------------------
 
-    def add_teacher(self, exam_id: int, outbox: Outbox, roster: list[User]) -> dict[str, Any]:
-        """Register a teacher socket; returns the snapshot message to send it first."""
+    def add_teacher(self, exam_id: int, outbox: Outbox, roster: list[User], ended: bool = False) -> dict[str, Any]:
+        """Register a teacher socket; returns the snapshot message to send it first.
+
+        ended: the exam is over (the teacher looks back at it): its room goes once the last socket has.
+        """
         room = self.room(exam_id)
         room.teachers.add(outbox)
+        room.ended = room.ended or ended or exam_id in self._ended
         for user in roster:
             self._presence(exam_id, user.id, user.username, user.full_name)
         return {"type": "snapshot", "exam_id": exam_id,
@@ -288,7 +294,10 @@ class Hub:
         self._forget_if_done(exam_id)
 
     def broadcast(self, exam_id: int, message: dict[str, Any]) -> None:
-        for outbox in list(self.room(exam_id).teachers):
+        # .get, not room(): a notice about an exam nobody here watches (another node's alert closing at its
+        # end, say) must not make a room that nothing would ever forget.
+        room = self._rooms.get(exam_id)
+        for outbox in list(room.teachers) if room is not None else ():
             outbox.send(message)
 
     # housekeeping ----------------------------------------------------------------------------
@@ -368,8 +377,9 @@ class StreamContext:
     decode_on_loop: bool
     hub: Hub
     classifier: Classifier
-    # write(factory) queues a store write through the write-behind queue; never blocks.
-    write: Callable[..., None]
+    # write(factory, what) queues a store write through the write-behind queue; never blocks; False when
+    # the queue refused it (full or closing).
+    write: Callable[..., bool]
     store: Any
 
 
@@ -816,8 +826,8 @@ class StreamSession:
                 return
         store = self.ctx.store
         alert_id = wanted.alert_id
-        self.ctx.write(lambda: store.set_alert_evidence(alert_id, jpeg), f"full-size evidence of alert {alert_id}")
-        self.ctx.metrics.evidence_copies.labels("stored").inc()
+        if self.ctx.write(lambda: store.set_alert_evidence(alert_id, jpeg), f"full-size evidence of alert {alert_id}"):
+            self.ctx.metrics.evidence_copies.labels("stored").inc()
 
     def _close_alert(self) -> None:
         alert_id, self._alert_id = self._alert_id, None

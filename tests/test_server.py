@@ -241,6 +241,32 @@ async def test_alert_asks_for_its_frame_at_full_size_and_stores_that_as_evidence
     await bob.close()
 
 
+async def test_evidence_the_write_queue_refused_is_not_counted_as_stored(server, hall, store, monkeypatch):
+    from proctor.storage.writer import WriteQueueFull
+
+    client = await server(evidence_max_width=1920, max_frame_bytes=2_000_000)
+    writer = client.server.app[WRITER_KEY]
+    submit = writer.submit
+    refused = []
+
+    def full_for_evidence(op, what="write"):
+        if what.startswith("full-size evidence"):
+            refused.append(what)
+            raise WriteQueueFull("store write queue is full")
+        return submit(op, what)
+
+    monkeypatch.setattr(writer, "submit", full_for_evidence)
+    bob = await connect_student(client, hall["b"], hall["exam"])
+    seq = await alert_on(bob, range(3))
+    await send_evidence(bob, seq, screen("blue", 1920, 1080, seed=seq))
+    await until(lambda: refused)
+    metrics = await (await client.get("/metrics")).text()
+    assert evidence_counts(metrics)["stored"] == 0.0
+    (alert,) = await stored_alerts(store, hall["exam"].id)
+    assert alert.evidence != screen("blue", 1920, 1080, seed=seq)
+    await bob.close()
+
+
 async def alert_on(ws, seqs, colour="blue"):
     """Send narrow frames of `colour` until an alert opens; the seq the server asks evidence for."""
     seen = []
@@ -1069,9 +1095,19 @@ async def test_an_ended_exam_is_forgotten_once_its_last_socket_closes(server, ha
         await asyncio.sleep(0.02)
     # Before: every exam's room (presence of each student) stayed in memory until the server restarted.
     assert hall["exam"].id not in hub._rooms
-    # Another node's late "disconnected" notice must not bring the room back for good.
+    # Another node's late "disconnected" notice must not bring the room back for good, nor its alert
+    # notices (its streams' alerts closing at the end).
     hub.set_presence(hall["exam"].id, hall["b"], "disconnected", from_node="another-node")
+    hub.alert_closed(hall["exam"].id, hall["b"].id, "a" * 32, "2026-11-30T12:00:00+00:00")
+    hub.alert_opened(hall["exam"].id, hall["b"], {"id": "b" * 32, "opened_at": "", "verdict": "", "program": ""})
     assert hall["exam"].id not in hub._rooms
+    # A teacher looking back at the ended exam: its room goes with the last socket.
+    teacher = await client.ws_connect(f"/ws/exams/{hall['exam'].id}/live",
+                                      headers=ws_headers(client, hall["teacher"]))
+    assert (await teacher.receive_json(timeout=5))["type"] == "snapshot"
+    assert hall["exam"].id in hub._rooms
+    await teacher.close()
+    await until(lambda: hall["exam"].id not in hub._rooms)
 
 
 async def test_gpu_memory_gauge_follows_the_model(store, hall, tmp_path, aiohttp_client):
