@@ -2,7 +2,8 @@
 
 It creates a teacher, N students and a running exam through the API (admin credentials), or reuses the
 ones saved by an earlier run (--credentials), then every student streams frames at F frames/s, a share
-of them with a changed screen. Per frame it measures the time from send to verdict received, and it
+of them with a changed screen. Per frame it measures the time from send to verdict (the server's ack that
+the frame was judged; the judgement itself goes to teachers only), and it
 reports offered and processed frames/s, latency percentiles, frames dropped by reason, errors, and the
 server's CPU and memory read from its /metrics.
 
@@ -709,7 +710,6 @@ class Tally:
         self.heartbeats = 0
         self.evidence_sent = 0
         self.verdicts = 0
-        self.cached = 0
         self.dropped: collections.Counter[str] = collections.Counter()
         self.errors: collections.Counter[str] = collections.Counter()
         self.last_answer: float | None = None
@@ -852,7 +852,7 @@ class Student:
                 continue
             kind = data.get("type")
             seq = data.get("seq")
-            if kind == "verdict" and seq in pending:
+            if kind == "ack" and seq in pending:
                 sent_at, changed, first = pending.pop(seq)
                 now = loop.time()
                 ms = (now - sent_at) * 1000.0
@@ -867,7 +867,6 @@ class Student:
                     if changed:
                         tally.changed_latencies_ms.append(ms)
                 tally.verdicts += 1
-                tally.cached += bool(data.get("cached"))
                 tally.last_answer = now
             elif kind == "error" and seq in pending:
                 pending.pop(seq)
@@ -963,7 +962,6 @@ async def run_once(opts: Options, students: Sequence[Student], exam_id: int, poo
         "frames_sent": tally.sent,
         "frames_sent_changed": tally.sent_changed,
         "verdicts": tally.verdicts,
-        "cached_verdicts": tally.cached,
         "heartbeats_sent": tally.heartbeats,
         "evidence_sent": tally.evidence_sent,
         "dropped": dict(sorted((k, v) for k, v in tally.dropped.items() if v)),
@@ -991,7 +989,9 @@ def print_result(r: dict[str, Any], out: Any = sys.stdout) -> None:
     if join and join.get("p50") is not None:
         print(f"  first frame of each student (join burst, always classified): latency ms p50 {ms(join['p50'])} "
               f"p99 {ms(join['p99'])} max {ms(join['max'])}", file=out)
-    print(f"  sent {r['frames_sent']}, verdicts {r['verdicts']} ({r['cached_verdicts']} cached), "
+    unchanged = (r.get("server") or {}).get("frames_unchanged")
+    reused = "" if unchanged is None else f" ({unchanged:.0f} of the server's: screen unchanged)"
+    print(f"  sent {r['frames_sent']}, verdicts {r['verdicts']}{reused}, "
           f"dropped {r['dropped'] or 0}, errors {r['errors'] or 0}, evidence copies sent {r['evidence_sent']}",
           file=out)
     if r.get("processed_vs_backbone") is not None:

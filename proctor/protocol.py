@@ -15,8 +15,7 @@ Student -> server
 Server -> student (JSON text)
   {"type": "config", "fps": F, "max_width": W, "evidence_max_width": E, "jpeg_quality": Q, "heartbeat_s": S}
   {"type": "evidence_request", "seq": N}  (an alert opened on frame N: send it again at full size)
-  {"type": "verdict", "seq": N, "capture_ms": T, "status": "ok"|"suspicious"|"alert",
-   "program": "VS Code"|null, "cached": bool}
+  {"type": "ack", "seq": N, "capture_ms": T}  (frame N was judged; the judgement goes to the teachers only)
   {"type": "error", "code": CODE, "message": "...", "seq": N (when about a frame)}
   {"type": "heartbeat", "t": client_ms}
 Teacher <- server: see sessions.TeacherHub (alert, alert_closed, presence, snapshot).

@@ -633,13 +633,11 @@ class StreamSession:
     async def _classify(self, seq: int, capture_ms: float, jpeg: bytes, width: int, received_at: float,
                         arrival: int, on_loop: bool) -> None:
         ctx = self.ctx
-        cached = False
         try:
             verdict, decoded = await self._unchanged_verdict(jpeg, on_loop)
             if decoded is not None:
                 verdict = await self._inflight_verdict(jpeg, decoded.thumb)
             if verdict is not None:
-                cached = True
                 ctx.metrics.frames_unchanged.inc()
             else:
                 assert decoded is not None
@@ -669,9 +667,9 @@ class StreamSession:
             await self._open_alert(verdict, jpeg, seq, width, thumb, decoded.picture if decoded is not None else None)
         elif change == "closed":
             self._close_alert()
-        status = "alert" if self.tracker.is_open else ("ok" if verdict.ok else "suspicious")
-        self._outbox.send({"type": "verdict", "seq": seq, "capture_ms": capture_ms, "status": status,
-                           "program": verdict.program, "cached": cached})
+        # The student hears only that the frame was judged: a status, a program or whether the screen counted
+        # as unchanged would let a page (or devtools) probe what the model and the change detection miss.
+        self._outbox.send({"type": "ack", "seq": seq, "capture_ms": capture_ms})
         ctx.metrics.frame_latency_seconds.observe(self._loop.time() - received_at)
 
     async def _submit(self, jpeg: bytes, decoded: _Decoded) -> FrameVerdict:

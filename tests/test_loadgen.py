@@ -304,7 +304,7 @@ def test_server_figures_from_two_scrapes() -> None:
 
 
 class _ScriptedSocket:
-    """A client WebSocket stand-in: answers every frame with a verdict, records what was sent."""
+    """A client WebSocket stand-in: acknowledges every frame, records what was sent."""
 
     def __init__(self) -> None:
         self.sent: list[tuple[float, Any]] = []
@@ -315,7 +315,7 @@ class _ScriptedSocket:
         header, _ = unpack_frame(data)
         self.sent.append((asyncio.get_running_loop().time(), "frame"))
         self.answers.put_nowait(type("Msg", (), {"type": WSMsgType.TEXT, "data": json.dumps(
-            {"type": "verdict", "seq": header.seq, "cached": False})})())
+            {"type": "ack", "seq": header.seq})})())
 
     async def send_json(self, data: dict) -> None:
         self.sent.append((asyncio.get_running_loop().time(), data["type"]))
@@ -461,10 +461,10 @@ class FakeProctor:
                 await ws.send_json({"type": "error", "code": E_OVERLOADED, "message": "busy", "seq": header.seq})
                 continue
             await asyncio.sleep(self.first_delay_s if header.seq == 1 else self.answer_delay_s)
-            cached = bytes(jpeg) == last
+            if bytes(jpeg) == last:
+                self.metrics.frames_unchanged.inc()
             last = bytes(jpeg)
-            await ws.send_json({"type": "verdict", "seq": header.seq, "capture_ms": header.capture_ms,
-                                "status": "ok", "program": "VS Code", "cached": cached})
+            await ws.send_json({"type": "ack", "seq": header.seq, "capture_ms": header.capture_ms})
         return ws
 
 
@@ -578,8 +578,8 @@ async def test_run_against_fake_server_measures_every_frame(tmp_path: Path) -> N
     assert report["dropped"] == {E_OVERLOADED: drops}
     assert report["verdicts"] == report["frames_sent"] - drops
     assert report["errors"] == {}
-    # Unchanged frames repeat the previous bytes, which the fake answers as cached.
-    assert 0 < report["cached_verdicts"] < report["verdicts"]
+    # Unchanged frames repeat the previous bytes, which the fake counts as unchanged in its metrics.
+    assert 0 < report["server"]["frames_unchanged"] < report["verdicts"]
     assert report["frames_sent_changed"] < report["frames_sent"]
     assert 20 <= report["latency_ms"]["p50"] <= report["latency_ms"]["p99"] <= report["latency_ms"]["max"] < 1000
     assert report["offered_fps"] == pytest.approx(24, rel=0.01)
@@ -680,7 +680,7 @@ async def test_loadgen_end_to_end_through_the_api(tmp_path: Path) -> None:
     assert report["frames_sent"] == 20 * 6
     assert set(report["dropped"]) <= {E_REPLACED}
     assert report["verdicts"] + sum(report["dropped"].values()) == report["frames_sent"]
-    assert report["cached_verdicts"] > 0  # unchanged screens reuse the last verdict
+    assert report["server"]["frames_unchanged"] > 0  # unchanged screens reuse the last verdict
     assert report["latency_ms"]["p99"] < 1000
     server = report["server"]
     assert server["frames_received"] == report["frames_sent"]

@@ -20,7 +20,7 @@ from PIL import Image
 
 from fakes import FakeClassifier, HeaderAuthenticator, add_fake_heads, many_scan_jpeg, raw_http_status, screen
 from proctor import protocol, sessions
-from proctor.appkeys import WRITER_KEY
+from proctor.appkeys import HUB_KEY, METRICS_KEY, WRITER_KEY
 from proctor.batching import decode
 from proctor.config import Config
 from proctor.passwords import hash_password
@@ -108,15 +108,29 @@ async def answers_for(ws, seqs, timeout=5.0):
     found = {}
     while len(found) < len(seqs):
         message = await ws.receive_json(timeout=timeout)
-        if message.get("seq") in seqs and message["type"] in ("verdict", "error"):
+        if message.get("seq") in seqs and message["type"] in ("ack", "error"):
             found[message["seq"]] = message
     return [found[s] for s in seqs]
+
+
+def judged(client, exam, user):
+    """What the server made of the student's last judged frame, as its teachers would see it: the student
+    itself only gets an ack. Read from the server's session, right after that frame's ack came."""
+    session = next(s for s in client.server.app[HUB_KEY].streams(exam.id) if s.user.id == user.id)
+    verdict = session._last_verdict
+    status = "alert" if session.tracker.is_open else ("ok" if verdict.ok else "suspicious")
+    return {"status": status, "program": verdict.program}
+
+
+def unchanged_frames(client):
+    """Frames the server found unchanged so far (the last verdict reused, the model not asked)."""
+    return client.server.app[METRICS_KEY].frames_unchanged._value.get()
 
 
 async def answer_for(ws, seq, timeout=5.0):
     while True:
         message = await ws.receive_json(timeout=timeout)
-        if message.get("seq") == seq and message["type"] in ("verdict", "error"):
+        if message.get("seq") == seq and message["type"] in ("ack", "error"):
             return message
 
 
@@ -136,11 +150,12 @@ async def test_two_students_one_exam_teacher_gets_exactly_the_alerts(server, hal
         await send_frame(alice, seq, screen("green", seed=seq))
         await send_frame(bob, seq, screen("red", seed=seq))
         va = await answer_for(alice, seq)
+        assert judged(client, hall["exam"], hall["a"]) == {"status": "ok", "program": "Code editor"}
         vb = await answer_for(bob, seq)
-        assert va["type"] == "verdict" and va["status"] == "ok" and va["program"] == "Code editor"
-        assert vb["type"] == "verdict" and vb["program"] == "Chat web app"
-        assert "scores" not in vb  # students never see the model's scores
-        assert vb["status"] == ("suspicious" if seq == 0 else "alert")
+        assert judged(client, hall["exam"], hall["b"]) == {"status": "suspicious" if seq == 0 else "alert",
+                                                           "program": "Chat web app"}
+        # Students hear only that the frame was judged: no status, program or scores to probe the model with.
+        assert va == {"type": "ack", "seq": seq, "capture_ms": 1000.0 + seq} and vb["type"] == "ack"
 
     alert = await next_of(teacher, "alert")
     assert alert["alert"]["username"] == "bob"
@@ -151,7 +166,8 @@ async def test_two_students_one_exam_teacher_gets_exactly_the_alerts(server, hal
 
     # Bob goes back to the editor: the episode closes; a single alert for the whole incident.
     await send_frame(bob, 3, screen("green", seed=9))
-    assert (await answer_for(bob, 3))["status"] == "ok"
+    await answer_for(bob, 3)
+    assert judged(client, hall["exam"], hall["b"])["status"] == "ok"
     closed = await next_of(teacher, "alert_closed")
     assert closed["alert_id"] == alert["alert"]["id"]
     # Nothing else alert-like is pending for the teacher.
@@ -199,9 +215,9 @@ async def send_evidence(ws, seq, jpeg):
 
 
 async def messages_until_verdict(ws, seq, timeout=5.0):
-    """Every message up to and including the verdict (or error) of frame `seq`."""
+    """Every message up to and including the ack (or error) of frame `seq`."""
     seen = []
-    while not seen or not (seen[-1].get("seq") == seq and seen[-1]["type"] in ("verdict", "error")):
+    while not seen or not (seen[-1].get("seq") == seq and seen[-1]["type"] in ("ack", "error")):
         seen.append(await ws.receive_json(timeout=timeout))
     return seen
 
@@ -237,7 +253,7 @@ async def test_alert_asks_for_its_frame_at_full_size_and_stores_that_as_evidence
     error = await next_of(bob, "error")
     assert error["code"] == protocol.E_UNEXPECTED_EVIDENCE and error["seq"] == 1
     await send_frame(bob, 2, screen("blue", 640, 360, seed=2))
-    assert (await answer_for(bob, 2))["type"] == "verdict"
+    assert (await answer_for(bob, 2))["type"] == "ack"
     await bob.close()
 
 
@@ -298,7 +314,8 @@ async def test_evidence_that_was_not_asked_for_or_is_bad_is_refused(server, hall
     assert (await answer_for(bob, 2))["code"] == protocol.E_UNEXPECTED_EVIDENCE
     # The allowed editor closes the episode; a new one asks again, and a cut-short body is refused.
     await send_frame(bob, 3, screen("green", 640, 360, seed=3))
-    assert (await answer_for(bob, 3))["status"] == "ok"
+    await answer_for(bob, 3)
+    assert judged(client, hall["exam"], hall["b"])["status"] == "ok"
     assert await alert_on(bob, (4, 5)) == 5
     full = screen("blue", 1920, 1080, seed=5)
     await send_evidence(bob, 5, full[:len(full) // 2])  # the header decodes, the body is cut short
@@ -333,12 +350,13 @@ async def test_evidence_showing_another_screen_is_refused(server, hall, store):
 async def test_frames_as_wide_as_the_evidence_ask_for_nothing(server, hall, store):
     client = await server(evidence_max_width=1280)
     bob = await connect_student(client, hall["b"], hall["exam"])
-    seen = []
+    seen, statuses = [], []
     for seq in range(3):
         await send_frame(bob, seq, screen("blue", seed=seq))
         seen += await messages_until_verdict(bob, seq)
+        statuses.append(judged(client, hall["exam"], hall["b"])["status"])
     await stored_alerts(store, hall["exam"].id)
-    assert [m["status"] for m in seen if m["type"] == "verdict"] == ["suspicious", "alert", "alert"]
+    assert statuses == ["suspicious", "alert", "alert"]
     assert evidence_requests(seen) == []
     await bob.close()
 
@@ -371,7 +389,8 @@ async def test_frames_of_many_students_share_one_backbone_call(server, hall, sto
     sockets = [await connect_student(client, s, hall["exam"]) for s in students]
     await asyncio.gather(*(send_frame(ws, 0, screen("green", seed=i)) for i, ws in enumerate(sockets)))
     answers = await asyncio.gather(*(answer_for(ws, 0) for ws in sockets))
-    assert all(a["type"] == "verdict" and a["status"] == "ok" for a in answers)
+    assert all(a["type"] == "ack" for a in answers)
+    assert all(judged(client, hall["exam"], s)["status"] == "ok" for s in students)
     assert classifier.backbone_calls < len(sockets)
     assert max(classifier.batch_sizes) >= 2
     for ws in sockets:
@@ -389,7 +408,7 @@ async def test_a_changed_frame_is_decoded_once(server, hall, classifier, monkeyp
     first = await answer_for(alice, 0)
     await send_frame(alice, 1, screen("red", seed=1))
     second = await answer_for(alice, 1)
-    assert first["type"] == second["type"] == "verdict" and not first["cached"] and not second["cached"]
+    assert first["type"] == second["type"] == "ack" and unchanged_frames(client) == 0
     # One decode per frame, at the model's size, serves change detection and the model.
     assert decodes == [classifier.frame_size] * 2 and thumbnails == []
     await alice.close()
@@ -411,7 +430,7 @@ async def test_with_heads_of_two_input_sizes_a_frame_is_decoded_at_each(server, 
     client = await server()
     alice = await connect_student(client, hall["a"], hall["exam"])
     await send_frame(alice, 0, screen("green"))
-    assert (await answer_for(alice, 0))["type"] == "verdict"
+    assert (await answer_for(alice, 0))["type"] == "ack"
     # Each size decoded from the JPEG, as each head was trained, not a resize of the other.
     assert decodes == [classifier.frame_size, (400, 225)]
     assert [f.shape for f in given[0]] == [(180, 320, 3), (225, 400, 3)]
@@ -426,15 +445,18 @@ async def test_unchanged_screen_reuses_the_verdict_without_the_model(server, hal
     first = simplejpeg.encode_jpeg(pixels, quality=80, colorspace="RGB")
     recompressed = simplejpeg.encode_jpeg(pixels, quality=60, colorspace="RGB")
     await send_frame(alice, 0, first)
-    assert (await answer_for(alice, 0))["cached"] is False
+    await answer_for(alice, 0)
+    assert unchanged_frames(client) == 0
     calls = classifier.backbone_calls
     await send_frame(alice, 1, first)  # identical bytes
     await send_frame(alice, 2, recompressed)  # same screen, other bytes
-    v1, v2 = await answer_for(alice, 1), await answer_for(alice, 2)
-    assert v1["cached"] and v2["cached"] and v2["status"] == "ok"
+    await answer_for(alice, 1)
+    await answer_for(alice, 2)
+    assert unchanged_frames(client) == 2 and judged(client, hall["exam"], hall["a"])["status"] == "ok"
     assert classifier.backbone_calls == calls
     await send_frame(alice, 3, screen("red"))  # the screen really changed
-    assert (await answer_for(alice, 3))["cached"] is False
+    await answer_for(alice, 3)
+    assert unchanged_frames(client) == 2
     assert classifier.backbone_calls == calls + 1
     await alice.close()
 
@@ -454,12 +476,13 @@ async def test_latest_frame_wins_over_the_socket(server, hall, classifier):
     await send_frame(alice, 2, screen("blue", seed=2))  # ... and replaced by this one
     answers = {}
     for _ in range(3):
-        m = await next_of_types(alice, ("verdict", "error"))
+        m = await next_of_types(alice, ("ack", "error"))
         answers[m["seq"]] = m
-    assert answers[0]["type"] == "verdict"
+    assert answers[0]["type"] == "ack"
     assert answers[1] == {"type": "error", "code": "replaced", "seq": 1, "message": answers[1]["message"]}
-    assert answers[2]["type"] == "verdict" and answers[2]["program"] == "Terminal"
-    assert (await answer_for(bob, 0))["type"] == "verdict"
+    assert answers[2]["type"] == "ack"
+    assert judged(client, hall["exam"], hall["a"])["program"] == "Terminal"  # frame 2, the last judged
+    assert (await answer_for(bob, 0))["type"] == "ack"
     await alice.close()
     await bob.close()
 
@@ -494,7 +517,7 @@ async def test_full_queue_answers_overloaded(server, hall, store, classifier):
     answers = await asyncio.gather(*(answer_for(ws, 0) for ws in students))
     codes = [a.get("code") for a in answers if a["type"] == "error"]
     assert "overloaded" in codes
-    assert any(a["type"] == "verdict" for a in answers)
+    assert any(a["type"] == "ack" for a in answers)
     for ws in students:
         await ws.close()
 
@@ -521,7 +544,7 @@ async def test_bad_input_gets_clear_errors_and_the_session_goes_on(server, hall)
     await alice.send_str(json.dumps([1, 2, 3]))
     assert (await next_of(alice, "error"))["code"] == "bad_message"
     await send_frame(alice, 4, good)
-    assert (await answer_for(alice, 4))["type"] == "verdict"
+    assert (await answer_for(alice, 4))["type"] == "ack"
     await alice.close()
 
 
@@ -532,7 +555,7 @@ async def test_oversize_frame_refused_and_huge_message_closes(server, hall):
     answer = await answer_for(alice, 1)
     assert answer["code"] == "frame_too_large" and "50000" in answer["message"]
     await send_frame(alice, 2, screen("green", 320, 180))
-    assert (await answer_for(alice, 2))["type"] == "verdict"
+    assert (await answer_for(alice, 2))["type"] == "ack"
     # Past twice the frame limit the message is not read into memory: closed with 1009 (too big).
     await alice.send_bytes(b"\x00" * 300_000)
     assert await close_code_of(alice) == protocol.CLOSE_TOO_BIG
@@ -555,7 +578,7 @@ async def test_fifty_megabyte_message_is_cut_off_and_the_server_goes_on(server, 
     assert 'proctor_websocket_errors_total{code="message_too_big"} 1.0' in text
     bob = await connect_student(client, hall["b"], hall["exam"])
     await send_frame(bob, 1, screen("green"))
-    assert (await answer_for(bob, 1))["type"] == "verdict"
+    assert (await answer_for(bob, 1))["type"] == "ack"
     await bob.close()
 
 
@@ -674,7 +697,7 @@ async def test_reconnect_replaces_the_old_stream(server, hall):
     second = await connect_student(client, hall["a"], hall["exam"])
     assert await close_code_of(first) == protocol.CLOSE_REPLACED_BY_NEW_CONNECTION
     await send_frame(second, 1, screen("green"))
-    assert (await answer_for(second, 1))["type"] == "verdict"
+    assert (await answer_for(second, 1))["type"] == "ack"
     await second.close()
 
 
@@ -754,8 +777,9 @@ async def test_gpu_decoding_batches_jpegs_and_falls_back_to_the_cpu(store, hall,
     a, b = await answer_for(alice, 1), await answer_for(bob, 1)
     # The device decoder refused the batch; the server decoded it on the CPU and both got verdicts.
     assert classifier.jpeg_batches == [2]
-    assert a["type"] == "verdict" and a["status"] == "ok"
-    assert b["type"] == "verdict" and b["program"] == "Terminal"
+    assert a["type"] == b["type"] == "ack"
+    assert judged(client, hall["exam"], hall["a"])["status"] == "ok"
+    assert judged(client, hall["exam"], hall["b"])["program"] == "Terminal"
     await alice.close()
     await bob.close()
 
@@ -783,7 +807,7 @@ async def test_alert_thumbnail_comes_from_the_decoded_frame(server, hall, classi
     for seq, frame in enumerate((screen("red"), simplejpeg.encode_jpeg(other_red, colorspace="RGB"))):
         await send_frame(bob, seq, frame)
         answer = await answer_for(bob, seq)
-        assert answer["type"] == "verdict" and not answer["cached"]
+        assert answer["type"] == "ack" and unchanged_frames(client) == 0
     thumbnail = (await next_of(teacher, "alert"))["alert"]["thumbnail"]
     data = base64.b64decode(thumbnail.removeprefix("data:image/jpeg;base64,"))
     assert decode.read_size(data) == classifier.frame_size
@@ -813,12 +837,13 @@ async def test_an_alert_closed_while_its_thumbnail_is_made_reaches_teachers_afte
         return simplejpeg.encode_jpeg(pixels, quality=70, colorspace="RGB")
 
     await send_frame(bob, 0, screen("red"))
-    assert (await answer_for(bob, 0))["status"] == "suspicious"
+    await answer_for(bob, 0)
+    assert judged(client, hall["exam"], hall["b"])["status"] == "suspicious"
     await send_frame(bob, 1, half_dark("red"))  # opens the alert; its thumbnail is held up
     await asyncio.sleep(0.3)
     for seq, frame in ((2, screen("green")), (3, half_dark("green"))):  # two allowed screens close it
         await send_frame(bob, seq, frame)
-        assert (await answer_for(bob, seq))["type"] == "verdict"
+        assert (await answer_for(bob, seq))["type"] == "ack"
     release.set()
     kinds = []
     while "alert_closed" not in kinds:
@@ -872,7 +897,7 @@ async def test_frames_are_decoded_where_decode_threads_says(server, hall, monkey
             assert decode.is_progressive(frame)
         assert 1000 < len(frame) <= 256 * 1024  # under the real limit, over the test's small one
         await send_frame(alice, seq, frame)
-        assert (await answer_for(alice, seq))["type"] == "verdict"
+        assert (await answer_for(alice, seq))["type"] == "ack"
     await alice.close()
     assert len(threads) == 3 and all(name.startswith(decoded_in) for name in threads), threads
 
@@ -914,7 +939,7 @@ async def test_outbox_of_a_client_that_stops_reading_closes_its_socket():
     metrics = Metrics()
     outbox = Outbox(ws, metrics, limit=3)
     for i in range(5):  # one is taken by the stuck writer, three fill the queue, the fifth overflows
-        outbox.send({"type": "verdict", "seq": i})
+        outbox.send({"type": "ack", "seq": i})
         await asyncio.sleep(0)
     assert outbox.overflowed
     await outbox.close()
@@ -938,7 +963,7 @@ async def test_a_client_that_never_takes_the_close_does_not_hold_its_session_for
     monkeypatch.setattr(sessions, "CLOSE_WAIT_S", 0.05)
     outbox = Outbox(DeadSocket(), Metrics(), limit=1)
     for i in range(3):
-        outbox.send({"type": "verdict", "seq": i})
+        outbox.send({"type": "ack", "seq": i})
         await asyncio.sleep(0)
     assert outbox.overflowed
     # Before: close() awaited the socket's close for ever, so the session was never detached from its exam.
@@ -1134,8 +1159,9 @@ async def test_same_screen_while_the_first_is_classified_waits_for_its_verdict(s
     await asyncio.sleep(0.05)
     await send_frame(alice, 2, simplejpeg.encode_jpeg(pixels, quality=60, colorspace="RGB"))
     first, second = await answers_for(alice, [1, 2])
-    assert first["type"] == second["type"] == "verdict"
-    assert first["cached"] is False and second["cached"] is True and second["status"] == "ok"
+    assert first["type"] == second["type"] == "ack"
+    # The second reused the first's verdict: one frame unchanged, one through the model.
+    assert unchanged_frames(client) == 1 and judged(client, hall["exam"], hall["a"])["status"] == "ok"
     assert classifier.backbone_calls == 1  # the join burst does not classify the same screen twice
     await alice.close()
 

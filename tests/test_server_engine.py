@@ -15,6 +15,7 @@ from proctor.models.engine import Engine
 from proctor.models.heads import head_to_record, make_head
 from proctor.passwords import hash_password
 from proctor.server import create_app
+from test_server import judged, unchanged_frames
 
 
 def colour_head(engine: Engine, name: str, program: str, positive: str, negative: str):
@@ -60,13 +61,14 @@ async def test_real_engine_classifies_streamed_frames_and_reloads_heads(store, e
         await ws.send_bytes(protocol.pack_frame(seq, 0.0, jpeg))
         while True:
             message = await ws.receive_json(timeout=10)
-            if message.get("seq") == seq and message["type"] in ("verdict", "error"):
+            if message.get("seq") == seq and message["type"] in ("ack", "error"):
                 return message
 
     red = await verdict(1, screen("red", seed=11))
-    assert red["type"] == "verdict" and red["program"] == "Chat web app" and red["status"] == "suspicious"
-    green = await verdict(2, screen("green", seed=12))
-    assert green["status"] != "ok"  # the allowed editor head is not loaded yet
+    assert red["type"] == "ack"
+    assert judged(client, exam, student) == {"status": "suspicious", "program": "Chat web app"}
+    await verdict(2, screen("green", seed=12))
+    assert judged(client, exam, student)["status"] != "ok"  # the allowed editor head is not loaded yet
 
     await store.set_head_active("editor", True)
     await store.publish("heads", {"name": "editor"})
@@ -78,10 +80,11 @@ async def test_real_engine_classifies_streamed_frames_and_reloads_heads(store, e
     ready = await (await client.get("/readyz")).json()
     assert sorted(ready["heads"]) == ["chat", "editor"]
 
-    green = await verdict(3, screen("green", seed=13))
+    unchanged = unchanged_frames(client)
+    await verdict(3, screen("green", seed=13))
     # The same-looking screen as frame 2, but the head set changed: classified again, not reused.
-    assert green["cached"] is False
-    assert green["status"] == "ok" and green["program"] == "Code editor"
+    assert unchanged_frames(client) == unchanged
+    assert judged(client, exam, student) == {"status": "ok", "program": "Code editor"}
     # Two heads now, still one backbone pass per batch.
     assert engine.backbone_calls - calls_before == 3
     await ws.close()

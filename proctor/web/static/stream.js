@@ -4,7 +4,7 @@
 export const PROTOCOL_VERSION = 1;
 export const HEADER_SIZE = 16;
 export const FLAG_EVIDENCE = 0x01; // header flag: the full-size copy of an earlier frame, asked for by the server
-// Frames kept at full size for evidence_request: an alert opens on a frame one verdict ago at most.
+// Frames kept at full size for evidence_request: an alert opens on a frame one answer ago at most.
 const EVIDENCE_KEEP = 3;
 const MAX_BUFFERED_BYTES = 2 * 1024 * 1024; // skip frames rather than queue them behind a slow link
 const BACKOFF_MIN_MS = 1000;
@@ -68,20 +68,18 @@ export class ScreenStreamer {
    * @param {object} opts
    * @param {string} opts.url  WebSocket URL (ws:// or wss://) of /ws/exams/{id}/stream
    * @param {(state: string, detail: string) => void} [opts.onStatus] idle|connecting|sharing|paused|reconnecting|stopped|ended|error
-   * @param {(verdict: object) => void} [opts.onVerdict]
    * @param {HTMLVideoElement} [opts.video] element to play the capture in (a hidden one is made otherwise)
    */
-  constructor({ url, onStatus = () => {}, onVerdict = () => {}, video = null }) {
+  constructor({ url, onStatus = () => {}, video = null }) {
     this.url = url;
     this.onStatus = onStatus;
-    this.onVerdict = onVerdict;
     this.video = video || document.createElement("video");
     this.video.muted = true;
     this.video.playsInline = true;
     this.canvas = document.createElement("canvas");
     this.config = { fps: 0.5, max_width: 640, evidence_max_width: 1920, jpeg_quality: 0.7, heartbeat_s: 5 };
     this.seq = 0;
-    this.stats = { framesSent: 0, bytesSent: 0, framesSkipped: 0, verdicts: 0, reconnects: 0, lastError: null,
+    this.stats = { framesSent: 0, bytesSent: 0, framesSkipped: 0, acks: 0, reconnects: 0, lastError: null,
       evidenceSent: 0, evidenceMissing: 0 };
     // The last few captured frames at full size, by seq, for the server's evidence_request.
     this._recent = [];
@@ -206,10 +204,9 @@ export class ScreenStreamer {
       }
     } else if (msg.type === "evidence_request") {
       this.sendEvidence(msg.seq).catch((err) => { this.stats.lastError = String(err); });
-    } else if (msg.type === "verdict") {
-      this.stats.verdicts += 1;
-      // Only the status reaches the page: the student never sees the model's scores.
-      this.onVerdict({ seq: msg.seq, status: msg.status });
+    } else if (msg.type === "ack") {
+      // Frame msg.seq was judged; the judgement itself goes to the teachers only.
+      this.stats.acks += 1;
     } else if (msg.type === "error") {
       this.stats.lastError = `${msg.code}: ${msg.message}`;
       if (msg.code === "not_whole_screen") {

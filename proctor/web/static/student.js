@@ -60,7 +60,6 @@ const streamer = new ScreenStreamer({
   url: streamUrl(examId),
   video: document.getElementById("preview"),
   onStatus: showStatus,
-  onVerdict: () => {},  // the student sees only the connection status, never verdicts or scores
 });
 window.proctorStreamer = streamer;  // for support staff poking at the console (and the end-to-end test)
 
