@@ -78,6 +78,9 @@ class Config:
     trusted_proxies: tuple[str, ...] = ()
     log_level: str = "INFO"
     store_queue_size: int = 10_000
+    # Megabytes the waiting writes may hold (alerts carry their evidence JPEGs): what runs out first when the
+    # database is down for long. Past either limit, new writes are refused (logged, counted) and lost.
+    store_queue_mb: int = 512
     # Failed logins from one client address in 5 minutes before that address must wait. A whole hall often
     # reaches the server from one NAT address, and every student's typo counts there: 50 would lock a
     # 500-seat hall out at the start of an exam.
@@ -137,6 +140,7 @@ def _validate(c: Config) -> None:
     need(c.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level", c.log_level,
          "must be DEBUG, INFO, WARNING or ERROR")
     need(c.store_queue_size >= 1, "store_queue_size", c.store_queue_size, "must be >= 1")
+    need(c.store_queue_mb >= 1, "store_queue_mb", c.store_queue_mb, "must be >= 1")
     need(1 <= c.login_failures_per_address <= 1_000_000, "login_failures_per_address",
          c.login_failures_per_address, "must be 1..1000000")
     for proxy in c.trusted_proxies:

@@ -143,7 +143,9 @@ def _store_ctx(given: Any):
 
 
 async def _writer_ctx(app: web.Application) -> AsyncIterator[None]:
-    writer = WriteBehind(app[STORE_KEY], app[METRICS_KEY], maxsize=app[CONFIG_KEY].store_queue_size)
+    config = app[CONFIG_KEY]
+    writer = WriteBehind(app[STORE_KEY], app[METRICS_KEY], maxsize=config.store_queue_size,
+                         max_bytes=config.store_queue_mb * 2**20)
     writer.start()
     app[WRITER_KEY] = writer
     try:
@@ -249,17 +251,17 @@ async def _pipeline_ctx(app: web.Application) -> AsyncIterator[None]:
     store = app[STORE_KEY]
     writer = app[WRITER_KEY]
 
-    def write(op, what: str = "write") -> bool:
-        """Queue a store write; False when the queue refused it (logged and counted by the writer)."""
+    def write(op, what: str = "write", size: int = 0, optional: bool = False) -> bool:
+        """Queue a store write (see WriteBehind.submit); False when the queue refused it (logged, counted)."""
         try:
-            writer.submit(op, what)
+            writer.submit(op, what, size, optional)
         except (WriteQueueFull, WriteQueueClosed):
             return False  # the frame path goes on
         return True
 
     # The store stamps every notification with its node id; the hub skips its own by that id.
     hub = Hub(metrics, node_id=store.node_id,
-              publish=lambda channel, payload: write(lambda: store.publish(channel, payload), channel))
+              publish=lambda channel, payload: write(lambda: store.publish(channel, payload), channel, optional=True))
     app[BATCHER_KEY] = batcher
     app[HUB_KEY] = hub
     app[STREAM_CTX_KEY] = StreamContext(config=config, metrics=metrics, batcher=batcher,

@@ -377,8 +377,8 @@ class StreamContext:
     decode_on_loop: bool
     hub: Hub
     classifier: Classifier
-    # write(factory, what) queues a store write through the write-behind queue; never blocks; False when
-    # the queue refused it (full or closing).
+    # write(factory, what, size=0, optional=False) queues a store write through the write-behind queue
+    # (WriteBehind.submit); never blocks; False when the queue refused it (full or closing).
     write: Callable[..., bool]
     store: Any
 
@@ -767,7 +767,7 @@ class StreamSession:
             # Other nodes' teachers learn of it once it is in the database they read from.
             await store.publish("alert", {"id": alert.id, "exam_id": alert.exam_id})
 
-        ctx.write(write_alert, f"alert {alert.id}")
+        ctx.write(write_alert, f"alert {alert.id}", len(jpeg))
         if width < ctx.config.evidence_max_width:
             # The frame was classified small; the page still holds it at full size: ask for that copy.
             self._evidence_wanted = _EvidenceWanted(alert.id, seq, width, self._loop.time() + EVIDENCE_WAIT_S,
@@ -824,7 +824,8 @@ class StreamSession:
                 return
         store = self.ctx.store
         alert_id = wanted.alert_id
-        if self.ctx.write(lambda: store.set_alert_evidence(alert_id, jpeg), f"full-size evidence of alert {alert_id}"):
+        if self.ctx.write(lambda: store.set_alert_evidence(alert_id, jpeg), f"full-size evidence of alert {alert_id}",
+                          len(jpeg)):
             self.ctx.metrics.evidence_copies.labels("stored").inc()
 
     def _close_alert(self) -> None:

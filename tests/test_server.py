@@ -265,11 +265,11 @@ async def test_evidence_the_write_queue_refused_is_not_counted_as_stored(server,
     submit = writer.submit
     refused = []
 
-    def full_for_evidence(op, what="write"):
+    def full_for_evidence(op, what="write", size=0, optional=False):
         if what.startswith("full-size evidence"):
             refused.append(what)
             raise WriteQueueFull("store write queue is full")
-        return submit(op, what)
+        return submit(op, what, size, optional)
 
     monkeypatch.setattr(writer, "submit", full_for_evidence)
     bob = await connect_student(client, hall["b"], hall["exam"])
@@ -280,6 +280,26 @@ async def test_evidence_the_write_queue_refused_is_not_counted_as_stored(server,
     assert evidence_counts(metrics)["stored"] == 0.0
     (alert,) = await stored_alerts(store, hall["exam"].id)
     assert alert.evidence != screen("blue", 1920, 1080, seed=seq)
+    await bob.close()
+
+
+async def test_alerts_tell_the_write_queue_their_size_and_presence_notices_are_optional(server, hall, monkeypatch):
+    client = await server()
+    writer = client.server.app[WRITER_KEY]
+    submit, submitted = writer.submit, []
+
+    def recording(op, what="write", size=0, optional=False):
+        submitted.append((what.split()[0], size, optional))
+        return submit(op, what, size, optional)
+
+    monkeypatch.setattr(writer, "submit", recording)
+    bob = await connect_student(client, hall["b"], hall["exam"])
+    frames = [screen("blue", 640, 360, seed=seq) for seq in range(2)]
+    for seq, jpeg in enumerate(frames):
+        await send_frame(bob, seq, jpeg)
+        await answer_for(bob, seq)
+    # The evidence JPEG counts against the queue's bytes; a presence notice gives way when it fills.
+    assert ("alert", len(frames[1]), False) in submitted and ("presence", 0, True) in submitted
     await bob.close()
 
 

@@ -46,7 +46,7 @@ async def test_full_queue_refuses_loudly(caplog):
     writer.submit(ops.op(2), "two")
     with caplog.at_level(logging.ERROR, logger="proctor.storage.writer"):
         for _ in range(3):
-            with pytest.raises(WriteQueueFull, match="full \\(2 writes waiting\\): three refused"):
+            with pytest.raises(WriteQueueFull, match="full \\(2 writes, 0 bytes waiting\\): three refused"):
                 writer.submit(ops.op(3), "three")
     assert writer.refused == 3 and value(metrics, "proctor_store_writes_refused_total") == 3
     assert value(metrics, "proctor_store_write_queue_depth") == 2
@@ -54,6 +54,25 @@ async def test_full_queue_refuses_loudly(caplog):
     assert len([r for r in caplog.records if "FULL" in r.getMessage()]) == 1
     await writer.close(timeout=5)
     assert ops.done == [1, 2]
+
+
+async def test_the_queue_is_bounded_in_bytes_and_keeps_room_for_alerts_over_presence_notices():
+    # The database is down for long: alerts hold their evidence JPEGs, presence notices pile up.
+    writer = WriteBehind(store=None, metrics=Metrics(), maxsize=10, max_bytes=1000)  # not started: nothing drains
+    ops = FlakyOps()
+    for n in range(5):  # optional writes (presence notices for other nodes) take half the queue at most
+        writer.submit(ops.op(n), "presence", optional=True)
+    with pytest.raises(WriteQueueFull):
+        writer.submit(ops.op(5), "presence", optional=True)
+    writer.submit(ops.op(6), "alert 1", size=400)  # alerts still have the rest
+    with pytest.raises(WriteQueueFull):
+        writer.submit(ops.op(7), "presence", size=200, optional=True)  # over half of the bytes now
+    with pytest.raises(WriteQueueFull, match="6 writes, 400 bytes waiting"):
+        writer.submit(ops.op(8), "alert 2", size=601)  # 1001 bytes: over the budget
+    writer.submit(ops.op(9), "alert 3", size=600)  # exactly the budget
+    assert writer.depth == 7 and writer.refused == 3
+    await writer.close(timeout=5)
+    assert ops.done == [0, 1, 2, 3, 4, 6, 9] and writer._bytes == 0
 
 
 async def test_order_kept_and_nothing_lost_through_retries():

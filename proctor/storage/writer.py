@@ -23,7 +23,7 @@ _LOG_EVERY_S = 5.0
 
 
 class WriteQueueFull(Exception):
-    """The write-behind queue holds `maxsize` operations already; this one was not accepted."""
+    """The write-behind queue holds `maxsize` operations or `max_bytes` already; this one was not accepted."""
 
 
 class WriteQueueClosed(Exception):
@@ -34,6 +34,7 @@ class WriteQueueClosed(Exception):
 class _Pending:
     op: WriteOp
     what: str
+    size: int  # bytes the write holds in memory (an alert's evidence JPEG), 0 when small
 
 
 class _RateLimitedLog:
@@ -58,11 +59,12 @@ class WriteBehind:
     """A bounded FIFO of store writes with one worker; accepted writes are applied in order, exactly
     as often as the store's idempotent writes make them (alerts by id, events by student and time)."""
 
-    def __init__(self, store: Store, metrics: Metrics, maxsize: int = 10_000, *,
+    def __init__(self, store: Store, metrics: Metrics, maxsize: int = 10_000, max_bytes: int = 512 * 2**20, *,
                  retry_initial_s: float = 0.1, retry_max_s: float = 5.0) -> None:
-        if maxsize < 1:
-            raise ValueError(f"invalid write-behind maxsize={maxsize!r}: must be >= 1")
-        self.store, self.metrics, self.maxsize = store, metrics, maxsize
+        if maxsize < 1 or max_bytes < 1:
+            raise ValueError(f"invalid write-behind maxsize={maxsize!r} or max_bytes={max_bytes!r}: must be >= 1")
+        self.store, self.metrics, self.maxsize, self.max_bytes = store, metrics, maxsize, max_bytes
+        self._bytes = 0  # held by the queued writes
         self.retry_initial_s, self.retry_max_s = retry_initial_s, retry_max_s
         self._queue: collections.deque[_Pending] = collections.deque()
         self._wakeup = asyncio.Event()
@@ -85,23 +87,31 @@ class WriteBehind:
         if self._worker is None:
             self._worker = asyncio.get_running_loop().create_task(self._run(), name="store-write-behind")
 
-    def submit(self, op: WriteOp, what: str = "write") -> None:
-        """Queue one write (a function that makes the coroutine, so it can be retried); returns at once."""
+    def submit(self, op: WriteOp, what: str = "write", size: int = 0, optional: bool = False) -> None:
+        """Queue one write (a function that makes the coroutine, so it can be retried); returns at once.
+
+        size: the bytes it holds (an evidence JPEG): through a long outage, memory is what runs out first.
+        optional: a write whose loss costs little (a presence notice for other nodes, superseded by the
+        next): refused once the queue is half full, so what is left stays for alerts and events.
+        """
         if self._closing:
             raise WriteQueueClosed(f"store write queue is closed: {what} not accepted")
-        if len(self._queue) >= self.maxsize:
+        share = 0.5 if optional else 1.0
+        if len(self._queue) >= self.maxsize * share or self._bytes + size > self.max_bytes * share:
             self.refused += 1
             self.metrics.store_writes_refused.inc()
-            self._log_full("store write queue FULL (%d writes waiting, database too slow or down): "
-                           "refused %s", len(self._queue), what)
-            raise WriteQueueFull(f"store write queue is full ({self.maxsize} writes waiting): {what} refused")
-        self._queue.append(_Pending(op, what))
+            self._log_full("store write queue FULL (%d writes holding %.0f MB waiting, database too slow or "
+                           "down): refused %s", len(self._queue), self._bytes / 2**20, what)
+            raise WriteQueueFull(f"store write queue is full ({len(self._queue)} writes, {self._bytes} bytes "
+                                 f"waiting): {what} refused")
+        self._queue.append(_Pending(op, what, size))
+        self._bytes += size
         self.metrics.store_write_queue_depth.set(len(self._queue))
         self._idle.clear()
         self._wakeup.set()
 
     def add_alert(self, alert: Alert) -> None:
-        self.submit(lambda: self.store.add_alert(alert), f"alert {alert.id}")
+        self.submit(lambda: self.store.add_alert(alert), f"alert {alert.id}", len(alert.evidence))
 
     def close_alert(self, alert_id: str, closed_at: dt.datetime) -> None:
         self.submit(lambda: self.store.close_alert(alert_id, closed_at), f"close of alert {alert_id}")
@@ -164,5 +174,5 @@ class WriteBehind:
                 if delay != self.retry_initial_s:
                     logger.warning("store available again; %d writes waiting", len(self._queue) - 1)
             delay = self.retry_initial_s
-            self._queue.popleft()
+            self._bytes -= self._queue.popleft().size
             self.metrics.store_write_queue_depth.set(len(self._queue))
