@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from proctor.storage import open_store
-from proctor.storage.base import StoreUnavailable
+from proctor.storage.base import InvalidData, StoreUnavailable
 from test_storage import alert, head, jpeg, setup_exam
 
 pytestmark = pytest.mark.postgres
@@ -132,6 +132,18 @@ def test_passing_postgres_states_are_unavailable_so_writes_wait_instead_of_being
     with pytest.raises(StoreUnavailable, match=error):
         with _mapped_errors():
             raise getattr(asyncpg, error)("cannot execute INSERT in a read-only transaction")
+
+
+async def test_an_argument_the_driver_refuses_is_invalid_data_not_an_outage(postgres_server):
+    # asyncpg refuses some arguments itself, before the query reaches the server. That is bad data, not an
+    # outage: taken for one, such a write would be retried for ever at the head of the write-behind queue.
+    store = await open_store(await postgres_server.new_database())
+    try:
+        with pytest.raises(InvalidData, match="invalid input for query argument"):
+            async with store._connection() as c:
+                await c.fetchrow("SELECT ?::bigint AS x", "not a number")
+    finally:
+        await store.close()
 
 
 async def test_sample_limit_holds_whatever_isolation_the_database_defaults_to(postgres_server):
