@@ -791,9 +791,11 @@ async def test_review_form_and_logout_form(client, world):
                              allow_redirects=False)
     assert resp.status == 302 and resp.headers["Location"].endswith(f"/review#alert-{world.alert.id}")
     assert (await world.store.get_alert(world.alert.id)).review_state == "false_positive"
+    copied = {c.key: c.value for c in client.session.cookie_jar}
     resp = await client.post("/logout", data={"csrf_token": token}, allow_redirects=False)
     assert resp.status == 302 and resp.headers["Location"] == "/login"
     assert (await client.get("/api/me")).status == 401
+    assert (await client.get("/api/me", cookies=copied)).status == 401  # the page's logout ends it too
 
 
 async def test_head_the_running_engine_cannot_load_is_refused_at_upload(aiohttp_client, world, tmp_path):
