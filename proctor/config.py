@@ -140,7 +140,10 @@ def _validate(c: Config) -> None:
     need(c.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level", c.log_level,
          "must be DEBUG, INFO, WARNING or ERROR")
     need(c.store_queue_size >= 1, "store_queue_size", c.store_queue_size, "must be >= 1")
-    need(c.store_queue_mb >= 1, "store_queue_mb", c.store_queue_mb, "must be >= 1")
+    # An alert holds its frame and then its full-size copy, each up to max_frame_bytes: room for both at least.
+    need(c.store_queue_mb * 2**20 >= 2 * c.max_frame_bytes, "store_queue_mb", c.store_queue_mb,
+         f"must hold two frames of max_frame_bytes ({c.max_frame_bytes}): at least "
+         f"{-(-2 * c.max_frame_bytes // 2**20)}")
     need(1 <= c.login_failures_per_address <= 1_000_000, "login_failures_per_address",
          c.login_failures_per_address, "must be 1..1000000")
     for proxy in c.trusted_proxies:

@@ -313,6 +313,18 @@ async def _notifications_ctx(app: web.Application) -> AsyncIterator[None]:
     """React to changes made through any node: head set, alerts, presence, exams ending."""
     store = app[STORE_KEY]
     hub = app[HUB_KEY]
+    # Alerts of other nodes being relayed (read from the store, thumbnail made), by id: each notice is handled
+    # in a task of its own, and the alert's close must not reach teachers before its opening.
+    relaying: dict[str, asyncio.Future] = {}
+
+    async def relay_alert(payload: dict[str, Any]) -> None:
+        done = relaying[payload["id"]] = asyncio.get_running_loop().create_future()
+        try:
+            await _relay_alert(app, payload)
+        finally:
+            done.set_result(None)
+            if relaying.get(payload["id"]) is done:  # a repeated notice may have taken the entry over
+                del relaying[payload["id"]]
 
     async def on_notification(channel: str, payload: dict[str, Any]) -> None:
         try:
@@ -334,8 +346,11 @@ async def _notifications_ctx(app: web.Application) -> AsyncIterator[None]:
             elif payload.get("node") == hub.node_id:
                 return  # our own alert/presence: already fanned out locally
             elif channel == "alert":
-                await _relay_alert(app, payload)
+                await relay_alert(payload)
             elif channel == "alert_closed":
+                opening = relaying.get(payload["alert_id"])
+                if opening is not None:
+                    await opening
                 hub.alert_closed(int(payload["exam_id"]), int(payload["student_id"]), payload["alert_id"],
                                  payload["closed_at"])
             elif channel == "presence":
@@ -384,7 +399,7 @@ async def _resync(app: web.Application, channel: str) -> None:
     ("exam") or accounts ("user") this node holds sockets for."""
     store, hub = app[STORE_KEY], app[HUB_KEY]
     if channel == "exam":
-        for exam_id in hub.exams_with_sockets():
+        for exam_id in hub.exams_not_ended():
             if (await store.get_exam(exam_id)).state == "ended":
                 await hub.end_exam(exam_id, protocol.CLOSE_EXAM_ENDED, "the exam has ended")
     else:
@@ -470,8 +485,9 @@ async def live_handler(request: web.Request) -> web.StreamResponse:
     try:
         roster = await store.list_roster(exam.id)
         # A whole hall's presence can change in one tick (its network drops and every stream goes stale at
-        # once): the queue holds a few messages per student before the teacher counts as too slow to read.
-        outbox = Outbox(ws, request.app[METRICS_KEY], limit=OUTBOX_LIMIT + 4 * len(roster))
+        # once): the queue holds a few messages per student (the roster, and those who joined since) before
+        # the teacher counts as too slow to read.
+        outbox = Outbox(ws, request.app[METRICS_KEY], limit=lambda: OUTBOX_LIMIT + 4 * hub.students_in(exam.id))
         outbox.send(hub.add_teacher(exam.id, roster=roster, outbox=outbox, ended=exam.state == "ended"))
         with hub.user_socket(user, ws):
             async for _ in ws:

@@ -80,14 +80,20 @@ PresenceState = str  # "live" | "stale" | "disconnected" | "not_sharing"
 
 
 async def close_ws(ws: web.WebSocketResponse, code: int, reason: str) -> None:
-    """Close `ws` with `code`; a client that does not take it within CLOSE_WAIT_S has its connection closed."""
+    """Close `ws` with `code`; a client that does not take it within CLOSE_WAIT_S has its connection aborted."""
     if ws.closed:
         return
     try:
-        # Cancelled by the timeout, aiohttp's close() closes the transport itself.
         await asyncio.wait_for(ws.close(code=code, message=reason.encode()), CLOSE_WAIT_S)
     except asyncio.TimeoutError:
-        logger.warning("a client did not take close code %d within %g s: connection dropped", code, CLOSE_WAIT_S)
+        # The cancelled close() closed the transport, but a transport only closes once its unsent data is out,
+        # which a client that stopped reading never takes: the handler would wait on the socket for good.
+        # aiohttp has no public abort for a WebSocketResponse; its request's transport is the connection.
+        request = getattr(ws, "_req", None)
+        transport = getattr(request, "transport", None)
+        if transport is not None:
+            transport.abort()
+        logger.warning("a client did not take close code %d within %g s: connection aborted", code, CLOSE_WAIT_S)
 
 
 class Outbox:
@@ -97,10 +103,13 @@ class Outbox:
     the socket is closed instead of letting memory grow.
     """
 
-    def __init__(self, ws: web.WebSocketResponse, metrics: Metrics, limit: int = OUTBOX_LIMIT) -> None:
+    def __init__(self, ws: web.WebSocketResponse, metrics: Metrics,
+                 limit: int | Callable[[], int] = OUTBOX_LIMIT) -> None:
+        """limit: messages waiting at most, or a function that says it now (a teacher's grows with the hall)."""
         self._ws = ws
         self._metrics = metrics
-        self._queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=limit)
+        self._limit = limit if callable(limit) else lambda: limit
+        self._queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()  # bounded by send()
         self._task = asyncio.create_task(self._run(), name="outbox")
         # The loop keeps only weak references to tasks: an unreferenced close could vanish half done.
         self._close_task: asyncio.Task | None = None
@@ -109,9 +118,9 @@ class Outbox:
     def send(self, message: dict[str, Any]) -> None:
         if self.overflowed or self._ws.closed:
             return
-        try:
+        if self._queue.qsize() < self._limit():
             self._queue.put_nowait(message)
-        except asyncio.QueueFull:
+        else:
             self.overflowed = True
             logger.warning("client too slow: %d messages unread, closing its socket", self._queue.qsize())
             self._metrics.websocket_errors.labels("slow_client").inc()
@@ -136,10 +145,7 @@ class Outbox:
 
     async def close(self) -> None:
         if not self._task.done():
-            try:
-                self._queue.put_nowait(None)
-            except asyncio.QueueFull:
-                self._task.cancel()
+            self._queue.put_nowait(None)
             try:
                 await asyncio.wait_for(self._task, 2.0)
             except (asyncio.TimeoutError, asyncio.CancelledError):
@@ -195,6 +201,11 @@ class Hub:
 
     def room(self, exam_id: int) -> _ExamRoom:
         return self._rooms[exam_id]
+
+    def students_in(self, exam_id: int) -> int:
+        """Students this node knows in the exam: its roster as teachers saw it, and whoever streamed since."""
+        room = self._rooms.get(exam_id)
+        return len(room.students) if room is not None else 0
 
     def has_ended(self, exam_id: int) -> bool:
         """Whether this node has heard that the exam ended (the newest _ENDED_REMEMBERED exams)."""
@@ -328,10 +339,10 @@ class Hub:
     def users_with_sockets(self) -> list[int]:
         return list(self._user_sockets)
 
-    def exams_with_sockets(self) -> list[int]:
-        """Exams with a student stream or a teacher's live view on this node, not known to have ended."""
-        return [exam_id for exam_id, room in self._rooms.items()
-                if not room.ended and (room.streams or room.teachers)]
+    def exams_not_ended(self) -> list[int]:
+        """Exams this node holds a room for (streams, live views, or other nodes' presence notices), not known
+        to have ended: a resync ends those the database says have, so none stays in memory for good."""
+        return [exam_id for exam_id, room in self._rooms.items() if not room.ended]
 
     async def close_user(self, user_id: int, code: int, reason: str) -> None:
         """Close every open socket of one user on this node: streams in every exam, live views, recordings."""
@@ -342,9 +353,12 @@ class Hub:
         """Close `user`'s sockets opened before a password reset or a logout: for when that notice was lost."""
         closing = []
         for ws, opened_as in list(self._user_sockets.get(user.id, {}).items()):
+            # Older only: a socket opened after `user` was read (a new login) is newer, not ended.
+            if opened_as.session_epoch >= user.session_epoch:
+                continue
             if opened_as.password_hash != user.password_hash:
                 closing.append(close_ws(ws, protocol.CLOSE_PASSWORD_RESET, "your password was reset: log in again"))
-            elif opened_as.session_epoch != user.session_epoch:
+            else:
                 closing.append(close_ws(ws, protocol.CLOSE_LOGGED_OUT, "you logged out: log in again"))
         await asyncio.gather(*closing)
 

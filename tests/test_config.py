@@ -33,6 +33,8 @@ def test_flags_win_over_environment_which_wins_over_defaults():
     (["--allowed-origins", "evil.example"], "allowed_origins"),
     (["--trusted-proxies", "proxy.local"], "trusted_proxies"),
     (["--log-level", "LOUD"], "log_level"),
+    (["--store-queue-mb", "0"], "store_queue_mb"),
+    (["--store-queue-mb", "3", "--max-frame-bytes", "2000000"], "store_queue_mb"),
     (["--inference-workers", "-1"], "inference_workers"),
     (["--decode-threads", "-2"], "decode_threads"),
     (["--decode-threads", "65"], "decode_threads"),

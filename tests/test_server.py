@@ -874,6 +874,37 @@ async def test_an_alert_closed_while_its_thumbnail_is_made_reaches_teachers_afte
     await teacher.close()
 
 
+async def test_another_nodes_alert_closed_while_it_is_relayed_reaches_teachers_after_its_opening(
+        server, hall, store, monkeypatch):
+    from proctor import server as server_module
+    from proctor.storage.base import Alert, utcnow
+
+    relay = server_module._relay_alert
+
+    async def slow_relay(app, payload):  # reading the alert and making its thumbnail take a while
+        await asyncio.sleep(0.3)
+        await relay(app, payload)
+
+    monkeypatch.setattr(server_module, "_relay_alert", slow_relay)
+    client = await server()
+    teacher = await client.ws_connect(f"/ws/exams/{hall['exam'].id}/live",
+                                      headers=ws_headers(client, hall["teacher"]))
+    assert (await teacher.receive_json(timeout=5))["type"] == "snapshot"
+    # Another node's student: its alert opened and closed at once (the notices of a drained write queue).
+    alert = Alert(id="c" * 32, exam_id=hall["exam"].id, student_id=hall["b"].id, opened_at=utcnow(),
+                  verdict="unrecognised", program=None, scores={"chat": 0.9}, evidence=screen("red", 320, 180))
+    await store.add_alert(alert)
+    await store.publish("alert", {"id": alert.id, "exam_id": alert.exam_id, "node": "another-node"})
+    await store.publish("alert_closed", {"alert_id": alert.id, "exam_id": alert.exam_id, "student_id": hall["b"].id,
+                                         "closed_at": utcnow().isoformat(), "node": "another-node"})
+    kinds = []
+    while "alert_closed" not in kinds:
+        kinds.append((await teacher.receive_json(timeout=5))["type"])
+    # Before: the close went out while the opening was still being read, and the dashboard kept it open.
+    assert "alert" in kinds and kinds.index("alert") < kinds.index("alert_closed")
+    await teacher.close()
+
+
 async def test_alert_thumbnail_of_evidence_that_does_not_decode_is_empty():
     from proctor.sessions import alert_thumbnail
 
@@ -990,6 +1021,79 @@ async def test_a_client_that_never_takes_the_close_does_not_hold_its_session_for
     await asyncio.wait_for(outbox.close(), 5)
 
 
+async def test_a_live_view_that_stops_reading_is_cut_off_and_leaves_its_room(server, hall, store, monkeypatch):
+    import socket
+
+    monkeypatch.setattr(sessions, "CLOSE_WAIT_S", 0.3)
+    client = await server()
+    hub = client.server.app[HUB_KEY]
+    exam = hall["exam"]
+    # A teacher's laptop gone to sleep with its connection still up: it neither reads nor sends.
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, (client.server.host, client.server.port))
+    headers = ws_headers(client, hall["teacher"])
+    await loop.sock_sendall(sock, (
+        f"GET /ws/exams/{exam.id}/live HTTP/1.1\r\nHost: {client.server.host}:{client.server.port}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+        f"X-Test-User: {headers['X-Test-User']}\r\nOrigin: {headers['Origin']}\r\n\r\n").encode())
+    assert b" 101 " in await loop.sock_recv(sock, 256)
+    await until(lambda: exam.id in hub._rooms and hub._rooms[exam.id].teachers)
+    slow = client.server.app[METRICS_KEY].websocket_errors.labels("slow_client")
+    student = await store.create_user("verbose", "V" * 200, "student", PASSWORD_HASH)  # bigger messages
+    for i in range(100_000):  # presence changes until the kernel's buffers and then the view's queue are full
+        hub.set_presence(exam.id, student, "live" if i % 2 else "stale")
+        if i % 100 == 0:
+            await asyncio.sleep(0.001)
+            if slow._value.get():
+                break
+    assert slow._value.get() == 1
+    # Before: the close waited on a drain that never came, and the handler on a socket that never speaks.
+    await until(lambda: not hub._rooms[exam.id].teachers, timeout_s=10)
+    sock.close()
+
+
+async def test_a_room_made_by_another_nodes_presence_goes_at_the_next_resync_after_a_lost_end(server, hall, store):
+    from proctor.server import _resync
+
+    client = await server()
+    hub = client.server.app[HUB_KEY]
+    exam = hall["exam"]
+    hub.set_presence(exam.id, hall["a"], "live", from_node="another-node")  # no socket here, only the notice
+    await store.set_exam_state(exam.id, "ended")  # and the end's notice never came
+    await _resync(client.server.app, "exam")
+    # Before: the resync looked only at exams with sockets here, and the room stayed until a restart.
+    assert exam.id not in hub._rooms
+
+
+async def test_the_resync_closes_only_sockets_older_than_the_account_it_read(hall):
+    import dataclasses
+
+    from proctor.metrics import Metrics
+
+    class Socket:
+        closed = False
+        code = None
+
+        async def close(self, code, message):
+            self.code, self.closed = code, True
+
+    hub = sessions.Hub(Metrics(), node_id="n")
+    user = hall["a"]
+    before_logout, after_login, before_reset = Socket(), Socket(), Socket()
+    with hub.user_socket(dataclasses.replace(user, session_epoch=3), before_logout), \
+            hub.user_socket(dataclasses.replace(user, session_epoch=5), after_login), \
+            hub.user_socket(dataclasses.replace(user, session_epoch=2, password_hash="old"), before_reset):
+        # The account as a resync read it: logged out since the first socket opened; the second socket came
+        # with a login after that read, so it must stay.
+        await hub.close_ended_sessions(dataclasses.replace(user, session_epoch=4))
+    assert before_logout.code == protocol.CLOSE_LOGGED_OUT and before_reset.code == protocol.CLOSE_PASSWORD_RESET
+    assert not after_login.closed
+
+
 async def test_a_stream_opened_as_its_exam_ends_is_closed_and_brings_no_room_back(server, hall):
     from proctor.appkeys import HUB_KEY
 
@@ -1008,16 +1112,19 @@ async def test_a_whole_hall_going_stale_at_once_does_not_close_the_teachers_live
     client = await server()
     hub = client.server.app[HUB_KEY]
     exam = hall["exam"]
+    # The teacher opens the live view before the hall joins with the exam's code: its roster is nearly empty.
+    teacher = await client.ws_connect(f"/ws/exams/{exam.id}/live", headers=ws_headers(client, hall["teacher"]))
+    assert (await teacher.receive_json(timeout=5))["type"] == "snapshot"
     students = [await store.create_user(f"s{i:03d}", f"Student {i}", "student", PASSWORD_HASH) for i in range(400)]
     for student in students:
         await store.add_to_roster(exam.id, student.id)
-    teacher = await client.ws_connect(f"/ws/exams/{exam.id}/live", headers=ws_headers(client, hall["teacher"]))
-    assert (await teacher.receive_json(timeout=5))["type"] == "snapshot"
+        hub.set_presence(exam.id, student, "live")
+    assert len([await next_of(teacher, "presence") for _ in students]) == 400
     # One housekeeping tick after the hall's network dropped: every student's presence changes at once.
     for student in students:
         hub.set_presence(exam.id, student, "stale")
     seen = [await next_of(teacher, "presence") for _ in students]
-    assert {m["student_id"] for m in seen} == {s.id for s in students}
+    assert {m["student_id"] for m in seen} == {s.id for s in students} and {m["state"] for m in seen} == {"stale"}
     assert not teacher.closed
     await teacher.close()
 

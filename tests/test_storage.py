@@ -115,7 +115,8 @@ async def test_logout_and_deactivation_move_the_session_epoch_on(store):
     assert (await store.get_user(user.id)).session_epoch == 1
     await store.set_user_active(user.id, False)
     assert (await store.get_user(user.id)).session_epoch == 2
-    assert [u.session_epoch for u in await store.list_users("student")] == [2]
+    await store.set_password(user.id, hash_password("a new long password"))
+    assert [u.session_epoch for u in await store.list_users("student")] == [3]
     with pytest.raises(NotFound, match="no user with id 999"):
         await store.end_sessions(999)
 

@@ -58,21 +58,31 @@ async def test_full_queue_refuses_loudly(caplog):
 
 async def test_the_queue_is_bounded_in_bytes_and_keeps_room_for_alerts_over_presence_notices():
     # The database is down for long: alerts hold their evidence JPEGs, presence notices pile up.
-    writer = WriteBehind(store=None, metrics=Metrics(), maxsize=10, max_bytes=1000)  # not started: nothing drains
+    writer = WriteBehind(store=None, metrics=Metrics(), maxsize=10, max_bytes=10**6)  # not started: nothing drains
     ops = FlakyOps()
     for n in range(5):  # optional writes (presence notices for other nodes) take half the queue at most
         writer.submit(ops.op(n), "presence", optional=True)
     with pytest.raises(WriteQueueFull):
         writer.submit(ops.op(5), "presence", optional=True)
-    writer.submit(ops.op(6), "alert 1", size=400)  # alerts still have the rest
-    with pytest.raises(WriteQueueFull):
-        writer.submit(ops.op(7), "presence", size=200, optional=True)  # over half of the bytes now
-    with pytest.raises(WriteQueueFull, match="6 writes, 400 bytes waiting"):
-        writer.submit(ops.op(8), "alert 2", size=601)  # 1001 bytes: over the budget
-    writer.submit(ops.op(9), "alert 3", size=600)  # exactly the budget
-    assert writer.depth == 7 and writer.refused == 3
+    for n in range(6, 11):  # alerts still have the rest
+        writer.submit(ops.op(n), f"alert {n}")
+    with pytest.raises(WriteQueueFull, match="10 writes, 0 bytes waiting"):
+        writer.submit(ops.op(11), "alert 11")
     await writer.close(timeout=5)
-    assert ops.done == [0, 1, 2, 3, 4, 6, 9] and writer._bytes == 0
+    assert ops.done == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10]
+
+    writer = WriteBehind(store=None, metrics=Metrics(), maxsize=100, max_bytes=1000)  # bytes run out first
+    ops = FlakyOps()
+    writer.submit(ops.op(1), "alert 1", size=400)
+    with pytest.raises(WriteQueueFull):
+        writer.submit(ops.op(2), "presence", size=200, optional=True)  # over half of the bytes
+    writer.submit(ops.op(3), "presence", size=100, optional=True)  # within half
+    with pytest.raises(WriteQueueFull, match="2 writes, 500 bytes waiting"):
+        writer.submit(ops.op(4), "alert 2", size=501)  # 1001 bytes: over the budget
+    writer.submit(ops.op(5), "alert 3", size=500)  # exactly the budget
+    assert writer.depth == 3 and writer.refused == 2
+    await writer.close(timeout=5)
+    assert ops.done == [1, 3, 5] and writer._bytes == 0
 
 
 async def test_order_kept_and_nothing_lost_through_retries():

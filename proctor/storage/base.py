@@ -55,7 +55,8 @@ class User:
     active: bool
     password_hash: str
     created_at: dt.datetime
-    # Goes up when the account's sessions end (logout, deactivation): cookies carry a fingerprint of it.
+    # Goes up when the account's sessions end (logout, deactivation, a new password): cookies carry a
+    # fingerprint of it, and sockets opened under an older one are closed.
     session_epoch: int = 0
 
 

@@ -204,8 +204,8 @@ class SqlStore:
     async def set_password(self, user_id: int, password_hash: str) -> None:
         v.password_hash(password_hash)
         async with self._connection() as c:
-            changed = await c.execute("UPDATE users SET password_hash = ? WHERE id = ?", password_hash,
-                                      _int("user id", user_id))
+            changed = await c.execute("UPDATE users SET password_hash = ?, session_epoch = session_epoch + 1 "
+                                      "WHERE id = ?", password_hash, _int("user id", user_id))
         if not changed:
             raise NotFound(f"no user with id {user_id}")
         # Running servers close the account's open sockets and forget its failed logins.

@@ -302,20 +302,19 @@ async def list_exams(store: Store, actor: User) -> list[Exam]:
 
 async def set_exam_state(store: Store, actor: User, exam_id: int, state: str) -> Exam:
     exam = await exam_for_staff(store, actor, exam_id)
+    detail: dict[str, Any] = {"name": exam.name}
     try:
         exam = await store.set_exam_state(exam_id, state)
     except InvalidData as exc:
-        current = await store.get_exam(exam_id)
-        if state == "ended" and current.state == "ended":
-            # Ending it again is how a teacher retries an end whose notice was lost: send it once more.
-            await store.publish("exam", {"id": exam_id, "state": state})
-            return current
-        raise WebError(409, f"exam {exam_id} cannot go from {exam.state} to {state}: {exc}") from None
+        exam = await store.get_exam(exam_id)
+        if not (state == "ended" and exam.state == "ended"):
+            raise WebError(409, f"exam {exam_id} cannot go from {exam.state} to {state}: {exc}") from None
+        # Ending it again is how a teacher retries an end whose notice or audit entry was lost: both again.
+        detail["again"] = True
     # Every node closes the ended exam's student streams (close code 4000) when it hears this: sent before
     # the audit entry, so a failed audit write cannot leave screens shared into an exam that has ended.
     await store.publish("exam", {"id": exam_id, "state": state})
-    await store.audit(actor.id, "exam.started" if state == "running" else "exam.ended", f"exam:{exam_id}",
-                      {"name": exam.name})
+    await store.audit(actor.id, "exam.started" if state == "running" else "exam.ended", f"exam:{exam_id}", detail)
     return exam
 
 
