@@ -313,18 +313,6 @@ async def _notifications_ctx(app: web.Application) -> AsyncIterator[None]:
     """React to changes made through any node: head set, alerts, presence, exams ending."""
     store = app[STORE_KEY]
     hub = app[HUB_KEY]
-    # Alerts of other nodes being relayed (read from the store, thumbnail made), by id: each notice is handled
-    # in a task of its own, and the alert's close must not reach teachers before its opening.
-    relaying: dict[str, asyncio.Future] = {}
-
-    async def relay_alert(payload: dict[str, Any]) -> None:
-        done = relaying[payload["id"]] = asyncio.get_running_loop().create_future()
-        try:
-            await _relay_alert(app, payload)
-        finally:
-            done.set_result(None)
-            if relaying.get(payload["id"]) is done:  # a repeated notice may have taken the entry over
-                del relaying[payload["id"]]
 
     async def on_notification(channel: str, payload: dict[str, Any]) -> None:
         try:
@@ -346,11 +334,10 @@ async def _notifications_ctx(app: web.Application) -> AsyncIterator[None]:
             elif payload.get("node") == hub.node_id:
                 return  # our own alert/presence: already fanned out locally
             elif channel == "alert":
-                await relay_alert(payload)
+                # Each notice runs in a task of its own: the alert's close may come while this reads it.
+                with hub.announcing(payload["id"]):
+                    await _relay_alert(app, payload)
             elif channel == "alert_closed":
-                opening = relaying.get(payload["alert_id"])
-                if opening is not None:
-                    await opening
                 hub.alert_closed(int(payload["exam_id"]), int(payload["student_id"]), payload["alert_id"],
                                  payload["closed_at"])
             elif channel == "presence":

@@ -195,6 +195,8 @@ class Hub:
         # account as it was when the socket opened, so an account that is deactivated, has its password reset
         # or logs out loses all of them at once.
         self._user_sockets: dict[int, dict[web.WebSocketResponse, User]] = collections.defaultdict(dict)
+        # Alerts whose live message is being made, with the closes held back until it has gone out.
+        self._announcing: dict[str, list[tuple[int, dict[str, Any]]]] = {}
         # Exams that ended, newest last (bounded): presence notices other nodes send after the end must
         # not bring a forgotten exam's room back, where nothing would ever forget it again.
         self._ended: dict[int, None] = {}
@@ -280,8 +282,26 @@ class Hub:
         self.broadcast(exam_id, {"type": "alert", "alert": alert_message})
 
     def alert_closed(self, exam_id: int, student_id: int, alert_id: str, closed_at: str) -> None:
-        self.broadcast(exam_id, {"type": "alert_closed", "alert_id": alert_id, "student_id": student_id,
-                                 "closed_at": closed_at})
+        message = {"type": "alert_closed", "alert_id": alert_id, "student_id": student_id, "closed_at": closed_at}
+        held = self._announcing.get(alert_id)
+        if held is not None:
+            held.append((exam_id, message))  # goes out once the opening has (see announcing)
+        else:
+            self.broadcast(exam_id, message)
+
+    @contextlib.contextmanager
+    def announcing(self, alert_id: str) -> Iterator[None]:
+        """While the block makes and sends an alert's live message (a thumbnail, another node's alert read
+        from the store), a close of that alert waits: dashboards ignore a close of an alert they do not
+        know, and would then show it open for good."""
+        held = self._announcing.setdefault(alert_id, [])  # shared when a repeated notice relays it twice at once
+        try:
+            yield
+        finally:
+            if self._announcing.get(alert_id) is held:
+                del self._announcing[alert_id]
+                for exam_id, message in held:
+                    self.broadcast(exam_id, message)
 
     # teachers ------------------------------------------------------------------------------
 
@@ -482,8 +502,6 @@ class StreamSession:
         # The frame being classified now, so a same-screen frame can wait for its verdict.
         self._inflight: _InFlight | None = None
         self._alert_id: str | None = None
-        # Done once the open alert's live message went out to the teachers (see _close_alert).
-        self._alert_announced: asyncio.Future | None = None
         self._evidence_wanted: _EvidenceWanted | None = None
         # Frames are numbered on arrival; with decode threads, thumbnails finish out of order, and
         # an older frame must never replace a newer one in the batcher.
@@ -788,13 +806,9 @@ class StreamSession:
                                                     frame_thumb)
             self._outbox.send({"type": "evidence_request", "seq": seq})
             ctx.metrics.evidence_copies.labels("requested").inc()
-        announced = self._loop.create_future()
-        self._alert_announced = announced
-        try:
+        with ctx.hub.announcing(alert.id):
             thumb = await alert_thumbnail(alert.evidence, ctx.decode_executor, pixels)
             ctx.hub.alert_opened(self.exam.id, self.user, alert_message(alert, self.user, thumb))
-        finally:
-            announced.set_result(None)
 
     def _on_evidence(self, seq: int, jpeg: bytes) -> None:
         """A full-size copy of an alert's frame, asked for by evidence_request: it becomes the alert's evidence."""
@@ -856,14 +870,7 @@ class StreamSession:
                                                  "student_id": student_id, "closed_at": closed_at.isoformat()})
 
         self.ctx.write(write_close, f"close of alert {alert_id}")
-        announced = self._alert_announced
-        if announced is not None and not announced.done():
-            # Frames classified meanwhile closed it while its opening waits for its thumbnail: teachers
-            # hear of the close after the opening, or their dashboards would show it open for good.
-            announced.add_done_callback(
-                lambda _: self.ctx.hub.alert_closed(exam_id, student_id, alert_id, closed_at.isoformat()))
-        else:
-            self.ctx.hub.alert_closed(exam_id, student_id, alert_id, closed_at.isoformat())
+        self.ctx.hub.alert_closed(exam_id, student_id, alert_id, closed_at.isoformat())
 
     # errors ------------------------------------------------------------------------------------
 
