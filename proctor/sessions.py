@@ -54,7 +54,7 @@ def cheap_to_decode(jpeg: bytes, width: int, height: int) -> bool:
 _STRIKE_LIMIT = 20
 _STRIKE_WINDOW_S = 10.0
 # Messages waiting to be written to one socket; past this the client is too slow and is closed. A teacher's
-# live view has room for a few more per student on the roster (server.live_handler).
+# live view has room for a few more per student the node knows in the exam (server.live_handler).
 OUTBOX_LIMIT = 256
 HEARTBEAT_S = 5.0
 # Control messages (heartbeat, hello, sharing): clients send one per HEARTBEAT_S plus a few at the start.
