@@ -198,6 +198,8 @@ async def test_teacher_student_alert_review_export(display, server, tmp_path):
             # and that copy becomes the alert's evidence.
             await _until(student, "() => window.proctorStreamer.stats.evidenceSent >= 1")
             evidence = await student.evaluate("() => window.proctorStreamer.stats.lastEvidence")
+            # Each judged frame was acknowledged to the page, which heard nothing of the verdict.
+            assert await student.evaluate("window.proctorStreamer.stats.acks") >= 2
             captured = await student.evaluate("() => window.proctorStreamer.video.videoWidth")
             assert evidence["width"] == captured > 960
             for _ in range(100):
