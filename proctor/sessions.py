@@ -53,6 +53,10 @@ def cheap_to_decode(jpeg: bytes, width: int, height: int) -> bool:
 # Abuse rule: this many bad messages within the window closes the socket (1008).
 _STRIKE_LIMIT = 20
 _STRIKE_WINDOW_S = 10.0
+# Frames over the client's rate are refused (rate_limited) without a strike: after a network stall a page
+# sends what it held back at once (stream.js keeps up to 2 MB unsent: a few hundred small frames at most).
+# This many within the window is no stall but a flood, each message costing the event loop, and closes too.
+_THROTTLED_LIMIT = 1000
 # Messages waiting to be written to one socket; past this the client is too slow and is closed. A teacher's
 # live view has room for a few more per student the node knows in the exam (server.live_handler).
 OUTBOX_LIMIT = 256
@@ -114,6 +118,11 @@ class Outbox:
         # The loop keeps only weak references to tasks: an unreferenced close could vanish half done.
         self._close_task: asyncio.Task | None = None
         self.overflowed = False
+
+    @property
+    def pending(self) -> int:
+        """Messages waiting to be written."""
+        return self._queue.qsize()
 
     def send(self, message: dict[str, Any]) -> None:
         if self.overflowed or self._ws.closed:
@@ -488,6 +497,7 @@ class StreamSession:
                                     now=loop.time())
         self._control_bucket = _TokenBucket(rate=_CONTROL_RATE, burst=_CONTROL_BURST, now=loop.time())
         self._strikes: collections.deque[float] = collections.deque()
+        self._throttled: collections.deque[float] = collections.deque()  # frames refused for the rate
         self._tasks: set[asyncio.Task] = set()
         self._outbox = Outbox(ws, ctx.metrics)
         self._whole_screen = True
@@ -546,6 +556,10 @@ class StreamSession:
                 if self._too_many_strikes():
                     await self.close(protocol.CLOSE_POLICY, "too many bad messages")
                     break
+                if self._outbox.pending > OUTBOX_LIMIT // 2:
+                    # Messages already received come without a pause: a burst (a page's backlog after a stall)
+                    # would fill the answer queue before its writer ran, and look like a client too slow.
+                    await asyncio.sleep(0)
         finally:
             await self._finish()
 
@@ -634,6 +648,7 @@ class StreamSession:
             self._error(protocol.E_NOT_SHARING_SCREEN, "share your whole screen, not a window or tab", seq)
             return
         if not self._bucket.take(received_at):
+            self._throttled.append(received_at)
             self._drop("rate_limited", protocol.E_RATE_LIMITED,
                        f"sending faster than {config.client_fps} frames/s", seq)
             return
@@ -890,9 +905,11 @@ class StreamSession:
 
     def _too_many_strikes(self) -> bool:
         now = self._loop.time()
-        while self._strikes and now - self._strikes[0] > _STRIKE_WINDOW_S:
-            self._strikes.popleft()
-        return len(self._strikes) >= _STRIKE_LIMIT or self._outbox.overflowed
+        for times in (self._strikes, self._throttled):
+            while times and now - times[0] > _STRIKE_WINDOW_S:
+                times.popleft()
+        return (len(self._strikes) >= _STRIKE_LIMIT or len(self._throttled) >= _THROTTLED_LIMIT
+                or self._outbox.overflowed)
 
     def _event(self, kind: str, detail: dict[str, Any] | None = None) -> None:
         event = SessionEvent(exam_id=self.exam.id, student_id=self.user.id, kind=kind, at=utcnow(),

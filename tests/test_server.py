@@ -633,6 +633,34 @@ async def test_client_faster_than_its_rate_is_throttled(server, hall):
     await alice.close()
 
 
+async def test_a_backlog_sent_at_once_after_a_stall_is_throttled_not_taken_for_a_slow_client(server, hall):
+    client = await server(client_fps=1.0)
+    alice = await connect_student(client, hall["a"], hall["exam"])
+    frame = protocol.pack_frame(1, 0.0, b"x")
+    # A page's frames held back by a stall arrive together; the server reads them without a pause between.
+    await asyncio.gather(*(alice.send_bytes(frame) for _ in range(400)))
+    answers = [await alice.receive_json(timeout=5) for _ in range(400)]
+    assert sum(a.get("code") == "rate_limited" for a in answers) >= 390
+    # Before: 400 answers queued before the writer ran, past its 256: closed as a client too slow to read.
+    metrics = client.server.app[METRICS_KEY]
+    assert metrics.websocket_errors.labels("slow_client")._value.get() == 0 and not alice.closed
+    await alice.close()
+
+
+async def test_a_flood_of_frames_over_the_rate_closes_the_stream(server, hall):
+    # Each refused frame costs the event loop a little; without a bound one student could keep it busy.
+    client = await server(client_fps=1.0)
+    alice = await connect_student(client, hall["a"], hall["exam"])
+    closing = asyncio.ensure_future(close_code_of(alice))  # reads every answer: not a slow client
+    frame = protocol.pack_frame(1, 0.0, b"x")  # refused for the rate before its JPEG is looked at
+    for _ in range(sessions._THROTTLED_LIMIT + 10):
+        await alice.send_bytes(frame)
+    assert await closing == protocol.CLOSE_POLICY
+    metrics = client.server.app[METRICS_KEY]
+    assert metrics.websocket_errors.labels("slow_client")._value.get() == 0
+    assert metrics.frames_dropped.labels("rate_limited")._value.get() >= sessions._THROTTLED_LIMIT
+
+
 async def test_window_share_refused(server, hall):
     client = await server()
     alice = await connect_student(client, hall["a"], hall["exam"], hello=False)
