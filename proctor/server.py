@@ -359,7 +359,8 @@ async def _notifications_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _resync_forever(app: web.Application) -> None:
-    """Every RESYNC_S, act on what the database says about this node's sockets.
+    """Every RESYNC_S, act on what the database says about this node's sockets (and send again the presence
+    notices a full write queue refused).
 
     A notice can be lost: a publish that failed after its change was committed, a LISTEN connection that
     was down, a node that missed SQLite's notification table. Without this, students could go on sharing
@@ -372,6 +373,7 @@ async def _resync_forever(app: web.Application) -> None:
         if loop.time() - last < RESYNC_S:
             continue
         last = loop.time()
+        app[HUB_KEY].republish_presence()
         for channel in ("exam", "user"):
             try:
                 await _resync(app, channel)

@@ -194,16 +194,19 @@ _ENDED_REMEMBERED = 10_000
 class Hub:
     """Per exam: presence of each student, open streams, and the teacher sockets to fan out to."""
 
-    def __init__(self, metrics: Metrics, node_id: str, publish: Callable[[str, dict], Any] | None = None) -> None:
+    def __init__(self, metrics: Metrics, node_id: str, publish: Callable[[str, dict], bool] | None = None) -> None:
         self._metrics = metrics
         self.node_id = node_id
         self._rooms: dict[int, _ExamRoom] = collections.defaultdict(_ExamRoom)
-        # Cross-node fan-out: store.publish(channel, payload) when several nodes share PostgreSQL.
+        # Cross-node fan-out: store.publish(channel, payload) queued behind the store's writes; False when
+        # the write queue refused it.
         self._publish = publish
         # Every open WebSocket of each user on this node (streams, live views, sample recordings), with the
         # account as it was when the socket opened, so an account that is deactivated, has its password reset
         # or logs out loses all of them at once.
         self._user_sockets: dict[int, dict[web.WebSocketResponse, User]] = collections.defaultdict(dict)
+        # (exam, student) whose latest presence notice from this node the write queue refused.
+        self._unpublished: set[tuple[int, int]] = set()
         # Alerts whose live message is being made, with the closes held back until it has gone out.
         self._announcing: dict[str, list[tuple[int, dict[str, Any]]]] = {}
         # Exams that ended, newest last (bounded): presence notices other nodes send after the end must
@@ -266,6 +269,8 @@ class Hub:
                      *, from_node: str | None = None) -> None:
         if from_node is not None and exam_id in self._ended:
             return
+        if from_node is not None:
+            self._unpublished.discard((exam_id, user.id))  # the node the student is on now says newer
         presence = self._presence(exam_id, user.id, user.username, user.full_name)
         changed = presence.state != state or (displays is not None and presence.displays != displays)
         presence.state = state
@@ -273,13 +278,35 @@ class Hub:
             presence.displays = displays
         if not changed:
             return
-        self.broadcast(exam_id, {"type": "presence", "student_id": user.id, "username": user.username,
-                                 "full_name": user.full_name, "state": state,
-                                 "displays": presence.displays})
-        if from_node is None and self._publish is not None:
-            self._publish("presence", {"exam_id": exam_id, "student_id": user.id, "username": user.username,
-                                       "full_name": user.full_name, "state": state,
-                                       "displays": presence.displays})
+        self.broadcast(exam_id, {"type": "presence", **self._presence_fields(presence)})
+        if from_node is None:
+            self._publish_presence(exam_id, presence)
+
+    @staticmethod
+    def _presence_fields(presence: StudentPresence) -> dict[str, Any]:
+        return {"student_id": presence.student_id, "username": presence.username,
+                "full_name": presence.full_name, "state": presence.state, "displays": presence.displays}
+
+    def _publish_presence(self, exam_id: int, presence: StudentPresence) -> None:
+        """Tell other nodes; a notice the write queue refused (a long outage) is sent again later."""
+        if self._publish is None:
+            return
+        key = (exam_id, presence.student_id)
+        if self._publish("presence", {"exam_id": exam_id, **self._presence_fields(presence)}) is False:
+            self._unpublished.add(key)
+        else:
+            self._unpublished.discard(key)
+
+    def republish_presence(self) -> None:
+        """Send other nodes the presence notices the write queue refused, each at its latest state: else a
+        student's lost "disconnected" would show them live on the other nodes' dashboards for good."""
+        for exam_id, student_id in list(self._unpublished):
+            room = self._rooms.get(exam_id)
+            presence = room.students.get(student_id) if room is not None and not room.ended else None
+            if presence is None:
+                self._unpublished.discard((exam_id, student_id))
+            else:
+                self._publish_presence(exam_id, presence)
 
     def alert_opened(self, exam_id: int, user: User, alert_message: dict[str, Any]) -> None:
         """Fan a live alert out to this node's teachers (other nodes hear of it from the store)."""

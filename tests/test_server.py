@@ -1097,6 +1097,30 @@ async def test_a_room_made_by_another_nodes_presence_goes_at_the_next_resync_aft
     assert exam.id not in hub._rooms
 
 
+async def test_presence_notices_the_write_queue_refused_are_sent_again_at_their_latest_state(hall):
+    from proctor.metrics import Metrics
+
+    sent, accept = [], [False]
+
+    def publish(channel, payload):
+        if accept[0]:
+            sent.append((payload["student_id"], payload["state"]))
+        return accept[0]
+
+    hub = sessions.Hub(Metrics(), node_id="n", publish=publish)
+    exam = hall["exam"]
+    hub.set_presence(exam.id, hall["a"], "live")  # the database is down and the queue half full: refused
+    hub.set_presence(exam.id, hall["a"], "disconnected")  # refused too
+    hub.set_presence(exam.id, hall["b"], "live")
+    hub.set_presence(exam.id, hall["b"], "live", from_node="other")  # b is on another node now: its say
+    accept[0] = True
+    hub.republish_presence()
+    # Before: other nodes never heard a was gone, and showed the student live for good.
+    assert sent == [(hall["a"].id, "disconnected")]
+    hub.republish_presence()
+    assert len(sent) == 1  # sent once
+
+
 async def test_the_resync_closes_only_sockets_older_than_the_account_it_read(hall):
     import dataclasses
 
