@@ -26,7 +26,7 @@ from aiohttp import web
 
 from proctor.appkeys import CLASSIFIER_KEY, CONFIG_KEY, STORE_KEY
 from proctor.storage import validate
-from proctor.storage.base import NotFound, Store, StoreError
+from proctor.storage.base import Conflict, NotFound, Store, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ class Job:
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     replaced: bool = False  # True when the label was an existing head, now retrained
+    may_replace: bool = False  # whether the actor may retrain an existing head (see TrainingJobs.start)
     active: bool | None = None  # the registered head's active flag (a retrained head keeps its own)
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
@@ -201,7 +202,7 @@ class TrainingJobs:
                                   f"{self.settings.screens_dir}/<program>/)")
         # A job id that cannot be guessed: the job's metrics are only for teachers and admins anyway.
         job = Job(secrets.token_hex(8), label, program, description, actor_id, len(positives),
-                  len(negatives) + len(extra), replaced=existing is not None)
+                  len(negatives) + len(extra), replaced=existing is not None, may_replace=may_replace)
         self._forget_old()
         self.jobs[job.id] = job
         self._cancel.clear()
@@ -246,7 +247,18 @@ class TrainingJobs:
             if job.replaced:
                 record = await self.store.replace_head(record)
             else:
-                record = await self.store.add_head(record)
+                try:
+                    record = await self.store.add_head(record)
+                except Conflict:
+                    # Registered while this job trained (another node's job, an upload): replacing it now is
+                    # a retrain, with the same rule as starting one.
+                    if not job.may_replace:
+                        raise TrainingError(
+                            f"while this job trained, a head named {job.label!r} was registered elsewhere (another "
+                            "node or an upload); it is used by every exam that allows it, so only an admin can "
+                            "replace it: record under a new name, or ask an admin to retrain it") from None
+                    record = await self.store.replace_head(record)
+                    job.replaced = True
             job.metrics, job.active = result.metrics, record.active
             job.state = job.stage = "done"
             logger.info("training job %s: head %s registered", job.id, job.label)

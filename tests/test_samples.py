@@ -256,6 +256,34 @@ async def test_training_job_registers_the_head_and_every_node_loads_it(client, s
     assert actions.count("head.training_started") == 2 and "head.trained" in actions and "head.retrained" in actions
 
 
+@pytest.mark.parametrize("who, outcome", [("teach-a", "failed"), ("admin", "done")])
+async def test_a_head_registered_elsewhere_while_training_is_replaced_only_by_an_admin(client, store, monkeypatch,
+                                                                                      who, outcome):
+    import dataclasses
+
+    for i in range(10):
+        await store.add_sample("redapp", tiny("red", i), "recorded")
+    for i in range(3):
+        await store.add_sample("other", tiny("green", 50 + i), "recorded")
+    add_head = store.add_head
+
+    async def registered_meanwhile(record):  # another node's job for the same new label got there first
+        await add_head(dataclasses.replace(record, program="Their Red App"))
+        return await add_head(record)
+
+    monkeypatch.setattr(store, "add_head", registered_meanwhile)
+    csrf = await login(client, who)
+    resp = await client.post("/api/samples/redapp/train", json={"program": "Red App"}, headers={"X-CSRF-Token": csrf})
+    assert resp.status == 202, await resp.text()
+    job = await poll(client, (await resp.json())["job"]["id"])
+    assert job["state"] == outcome, job
+    if outcome == "failed":  # before: "a head named 'redapp' already exists", for admins too
+        assert "only an admin can replace it" in job["error"]
+        assert (await store.get_head("redapp")).program == "Their Red App"
+    else:
+        assert job["replaced"] is True and (await store.get_head("redapp")).program == "Red App"
+
+
 async def test_training_refusals(client, store, users):
     csrf = await login(client, "teach-a")
     headers = {"X-CSRF-Token": csrf}
