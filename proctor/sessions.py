@@ -173,10 +173,14 @@ class StudentPresence:
     alerts: int = 0
     last_alert: dict[str, Any] | None = None
 
-    def as_message(self) -> dict[str, Any]:
+    def notice(self) -> dict[str, Any]:
+        """Who and in what state: a presence message's fields, for teachers and for other nodes."""
         return {"student_id": self.student_id, "username": self.username, "full_name": self.full_name,
-                "state": self.state, "displays": self.displays, "alerts": self.alerts,
-                "last_alert": self.last_alert}
+                "state": self.state, "displays": self.displays}
+
+    def as_message(self) -> dict[str, Any]:
+        """As a snapshot lists it: the notice and the student's alerts so far."""
+        return {**self.notice(), "alerts": self.alerts, "last_alert": self.last_alert}
 
 
 @dataclass
@@ -278,21 +282,16 @@ class Hub:
             presence.displays = displays
         if not changed:
             return
-        self.broadcast(exam_id, {"type": "presence", **self._presence_fields(presence)})
+        self.broadcast(exam_id, {"type": "presence", **presence.notice()})
         if from_node is None:
             self._publish_presence(exam_id, presence)
-
-    @staticmethod
-    def _presence_fields(presence: StudentPresence) -> dict[str, Any]:
-        return {"student_id": presence.student_id, "username": presence.username,
-                "full_name": presence.full_name, "state": presence.state, "displays": presence.displays}
 
     def _publish_presence(self, exam_id: int, presence: StudentPresence) -> None:
         """Tell other nodes; a notice the write queue refused (a long outage) is sent again later."""
         if self._publish is None:
             return
         key = (exam_id, presence.student_id)
-        if self._publish("presence", {"exam_id": exam_id, **self._presence_fields(presence)}) is False:
+        if self._publish("presence", {"exam_id": exam_id, **presence.notice()}) is False:
             self._unpublished.add(key)
         else:
             self._unpublished.discard(key)
